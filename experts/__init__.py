@@ -1,0 +1,19 @@
+"""Feed-forward layers for the lifelong-experts platform: PEER (He 2024, a product-key pool of
+single-neuron experts), a coarse top-k MoE and a dense FFN baseline, plus expert-usage tools.
+
+Depends on torch only; every layer maps x [..., dim] -> [..., dim] and exposes aux_loss(),
+aux_metrics(), flops_per_token(), num_params() and active_params_per_token().
+"""
+
+from .dense import DenseFFN
+from .moe import MoE, load_balancing_loss, router_z_loss
+from .peer import PEER, QueryNorm, parse_grid
+from .product_keys import ProductKeys, product_scores, product_topk, split_ids
+from .usage import UsageCounter, expert_set, jaccard_overlap, kl_to_uniform, track_usage, usage_fraction
+
+__all__ = [
+    "PEER", "MoE", "DenseFFN", "UsageCounter",
+    "ProductKeys", "product_topk", "product_scores", "split_ids", "QueryNorm", "parse_grid",
+    "load_balancing_loss", "router_z_loss",
+    "track_usage", "jaccard_overlap", "expert_set", "usage_fraction", "kl_to_uniform",
+]

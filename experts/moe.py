@@ -1,0 +1,256 @@
+"""Coarse top-k mixture of experts with the ST-MoE stabilisers (Zoph et al. 2022), the baseline
+PEER is compared against at matched compute (DESIGN.md section 8).
+
+Choices (implementations disagree on each, so here is ours):
+  - Router: Linear(dim, E, bias=False) computed in float32 (autocast off); probabilities are a
+    softmax over all E experts; each token takes its top_k experts. Router weights start small,
+    N(0, 0.1/dim) (Switch Transformer's reduced router init), so routing starts near-uniform.
+  - Gates: the top-k probabilities renormalised to sum to 1 over the token's k experts
+    (``normalize_gates=True``, as GShard / ST-MoE top-2 / Mixtral). With top_k=1 this makes the
+    gate exactly 1 and the router is trained only by the auxiliary losses; pass
+    ``normalize_gates=False`` for Switch-style raw probabilities.
+  - Load-balancing loss  N * sum_i f_i * P_i  with f_i the fraction of the T*k token-slots whose
+    choice is expert i (sum_i f_i = 1; dropped slots are counted: f measures the router's intent)
+    and P_i the mean router probability of expert i. It equals 1 at perfect balance for any k.
+  - Router z-loss  mean_t logsumexp(logits_t)^2.
+  - Dispatch: dropless by default (every slot is computed, so a token's output never depends on
+    the rest of the batch). With ``capacity_factor`` set, each expert takes at most
+        capacity = ceil(capacity_factor * T * k / E)
+    slots (k IS multiplied in: the capacity is relative to the even share of all T*k slots).
+    Slots are admitted in priority order: every token's first choice before any second choice,
+    then token order (GShard). A dropped slot contributes nothing (the residual carries the
+    token); the dropped fraction of slots is reported in aux_metrics().
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dense import activation_fn, check_choice, check_dropout, check_int
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, expert_index_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """N * sum_i f_i * P_i; f_i = fraction of the T*k slots routed to expert i, P_i = mean prob.
+
+    f is a count (no gradient); the gradient reaches the router through P. Equals 1 when both f
+    and P are uniform.
+    """
+    if probs_TE.shape[-1] != num_experts:
+        raise ValueError(f"probs' last dimension must be num_experts={num_experts}, got {tuple(probs_TE.shape)}")
+    flat_index = expert_index_TK.reshape(-1)
+    if flat_index.numel() == 0:
+        raise ValueError("load_balancing_loss needs at least one routed token")
+    counts_E = torch.bincount(flat_index, minlength=num_experts).to(probs_TE.dtype)
+    f_E = counts_E / flat_index.numel()
+    P_E = probs_TE.reshape(-1, num_experts).mean(dim=0)
+    return num_experts * (f_E * P_E).sum()
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2 (keeps logits small)."""
+    return torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+
+
+def _check_capacity(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be None (dropless) or a number > 0, got {value!r}")
+
+
+class MoE(nn.Module):
+    """Top-k MoE FFN: x [..., dim] -> sum over the token's k experts of gate * FFN_e(x).
+
+    Each expert is Linear(dim, hidden) -> act -> Linear(hidden, dim) (biases by default), stored
+    as batched tensors w1 [E, dim, hidden], b1 [E, hidden], w2 [E, hidden, dim], b2 [E, dim] with
+    nn.Linear's default init. Tokens are grouped per expert by a stable sort and each group is one
+    matmul. capacity_factor=None is dropless in training and eval; otherwise training uses
+    capacity_factor and eval uses eval_capacity_factor (None there = dropless eval).
+
+    aux_loss() is balance_coef * balance + z_coef * z of the *last training* forward (a tensor that
+    carries gradient; zero after an eval forward or before any forward). Add it to the loss after
+    each forward. aux_metrics() reports the last forward's losses and dropped fraction.
+
+    Usage recording: set ``layer.usage_counter = UsageCounter(layer.num_experts, 1)`` (or use
+    experts.usage.track_usage); in eval mode each forward adds the gates of the chosen experts.
+    """
+
+    def __init__(self, dim: int, num_experts: int = 8, hidden: int | None = None, top_k: int = 2,
+                 activation: str = "gelu", balance_coef: float = 0.01, z_coef: float = 0.001,
+                 capacity_factor: float | None = None, eval_capacity_factor: float | None = 2.0,
+                 normalize_gates: bool = True, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        check_int("dim", dim)
+        check_int("num_experts", num_experts)
+        hidden = 4 * dim if hidden is None else hidden
+        check_int("hidden", hidden)
+        check_int("top_k", top_k)
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
+        check_choice("activation", activation, ("gelu", "relu"))
+        for name, coef in (("balance_coef", balance_coef), ("z_coef", z_coef)):
+            if isinstance(coef, bool) or not isinstance(coef, (int, float)) or coef < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {coef!r}")
+        _check_capacity("capacity_factor", capacity_factor)
+        _check_capacity("eval_capacity_factor", eval_capacity_factor)
+        check_dropout(dropout)
+        self.dim, self.num_experts, self.hidden, self.top_k = dim, num_experts, hidden, top_k
+        self.activation, self.act = activation, activation_fn(activation)
+        self.balance_coef, self.z_coef = float(balance_coef), float(z_coef)
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
+        self.normalize_gates, self.bias = bool(normalize_gates), bool(bias)
+
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        if bias:
+            self.b1 = nn.Parameter(torch.empty(num_experts, hidden))
+            self.b2 = nn.Parameter(torch.empty(num_experts, dim))
+        else:
+            self.register_parameter("b1", None)
+            self.register_parameter("b2", None)
+        self.dropout = nn.Dropout(dropout)
+        self.usage_counter = None
+        self._aux = None
+        self._metrics = {"balance_loss": 0.0, "z_loss": 0.0, "dropped_fraction": 0.0}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.router.weight, std=math.sqrt(0.1 / self.dim))
+        # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases
+        b_in, b_hid = 1.0 / math.sqrt(self.dim), 1.0 / math.sqrt(self.hidden)
+        nn.init.uniform_(self.w1, -b_in, b_in)
+        nn.init.uniform_(self.w2, -b_hid, b_hid)
+        if self.bias:
+            nn.init.uniform_(self.b1, -b_in, b_in)
+            nn.init.uniform_(self.b2, -b_hid, b_hid)
+
+    # ---- routing ------------------------------------------------------------------------------
+    def _flatten(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"input's last dimension must be dim={self.dim}, got shape {tuple(x.shape)}")
+        return x.reshape(-1, self.dim)
+
+    def _router(self, x_TD: torch.Tensor):
+        """(logits [T, E] fp32, probs [T, E], gates [T, K], expert index [T, K])."""
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            # float32 at least (float64 stays float64 so tests can check to 1e-12)
+            dtype = torch.promote_types(x_TD.dtype, torch.float32)
+            logits_TE = F.linear(x_TD.to(dtype), self.router.weight.to(dtype))
+            probs_TE = logits_TE.softmax(dim=-1)
+            top_TK, index_TK = probs_TE.topk(self.top_k, dim=-1)
+            gates_TK = top_TK / top_TK.sum(dim=-1, keepdim=True) if self.normalize_gates else top_TK
+        return logits_TE, probs_TE, gates_TK, index_TK
+
+    def route(self, x: torch.Tensor):
+        """(gates, expert index), both [..., top_k]: the mixing weights forward uses (before any
+        capacity dropping) and the chosen experts."""
+        _, _, gates_TK, index_TK = self._router(self._flatten(x))
+        out_shape = x.shape[:-1] + (self.top_k,)
+        return gates_TK.reshape(out_shape), index_TK.reshape(out_shape)
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Slots per expert for a batch of num_tokens in the current mode (None = dropless)."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if self.capacity_factor is None or factor is None:
+            return None
+        return math.ceil(factor * num_tokens * self.top_k / self.num_experts)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _expert(self, e: int, x_CD: torch.Tensor) -> torch.Tensor:
+        h = x_CD @ self.w1[e]
+        if self.b1 is not None:
+            h = h + self.b1[e]
+        out = self.act(h) @ self.w2[e]
+        if self.b2 is not None:
+            out = out + self.b2[e]
+        return out
+
+    def _dispatch(self, x_TD: torch.Tensor, gates_TK: torch.Tensor, index_TK: torch.Tensor):
+        """Group slots by expert, run each expert on its group, scatter-add gate * output back."""
+        T, K = index_TK.shape
+        # slot s = k * T + t: all first choices come before all second choices (capacity priority)
+        expert_S = index_TK.t().reshape(-1)
+        token_S = torch.arange(T, device=x_TD.device).repeat(K)
+        gate_S = gates_TK.t().reshape(-1)
+        order_S = torch.argsort(expert_S, stable=True)  # stable: keeps the priority order per expert
+        counts_E = torch.bincount(expert_S, minlength=self.num_experts)
+        cap = self.capacity(T)
+        num_slots = expert_S.numel()
+        if cap is not None:
+            starts_E = torch.cumsum(counts_E, 0) - counts_E
+            position_S = torch.arange(num_slots, device=x_TD.device) - starts_E[expert_S[order_S]]
+            order_S = order_S[position_S < cap]
+            counts_E = counts_E.clamp(max=cap)
+        dropped = num_slots - order_S.numel()
+
+        y_TD = torch.zeros_like(x_TD)
+        start = 0
+        for e, count in enumerate(counts_E.tolist()):
+            if count == 0:
+                continue
+            slots = order_S[start:start + count]
+            start += count
+            tokens = token_S[slots]
+            out_CD = self._expert(e, x_TD[tokens])
+            y_TD.index_add_(0, tokens, (out_CD * gate_S[slots, None]).to(y_TD.dtype))
+        return y_TD, dropped / max(num_slots, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_TD = self._flatten(x)
+        logits_TE, probs_TE, gates_TK, index_TK = self._router(x_TD)
+        if x_TD.shape[0] == 0:
+            self._aux = None
+            return torch.zeros_like(x)
+        balance = load_balancing_loss(probs_TE, index_TK, self.num_experts)
+        z = router_z_loss(logits_TE)
+        self._aux = self.balance_coef * balance + self.z_coef * z if self.training else None
+        if self.usage_counter is not None and not self.training:
+            self.usage_counter.update(gates_TK.detach(), index_TK)
+        y_TD, dropped_fraction = self._dispatch(x_TD, gates_TK, index_TK)
+        self._metrics = {"balance_loss": float(balance.detach()), "z_loss": float(z.detach()),
+                         "dropped_fraction": float(dropped_fraction)}
+        return self.dropout(y_TD).reshape(x.shape)
+
+    # ---- FFN interface ------------------------------------------------------------------------
+    def aux_loss(self) -> torch.Tensor:
+        """balance_coef * balance + z_coef * z of the last training forward (0 in eval)."""
+        if self._aux is None:
+            return torch.zeros((), device=self.router.weight.device)
+        return self._aux
+
+    def aux_metrics(self) -> dict[str, float]:
+        """{'balance_loss', 'z_loss', 'dropped_fraction'} of the last forward (train or eval)."""
+        return dict(self._metrics)
+
+    def _expert_params(self) -> int:
+        return 2 * self.dim * self.hidden + ((self.hidden + self.dim) if self.bias else 0)
+
+    def flops_per_token(self) -> int:
+        """Nominal forward FLOPs per token (dropped slots not subtracted):
+
+          router      2*dim*E (matmul) + 3*E (softmax) + E (top-k comparisons)
+                      + 2*k (gate renormalisation, if enabled)
+          k experts   k * (4*dim*hidden + hidden (act) + hidden + dim (biases, if any)
+                           + 2*dim (gate multiply and combine add))
+        """
+        d, e, k, h = self.dim, self.num_experts, self.top_k, self.hidden
+        router = 2 * d * e + 3 * e + e + (2 * k if self.normalize_gates else 0)
+        expert = 4 * d * h + h + ((h + d) if self.bias else 0) + 2 * d
+        return router + k * expert
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def active_params_per_token(self) -> int:
+        """Router + the k chosen experts' weights."""
+        return self.router.weight.numel() + self.top_k * self._expert_params()
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_experts={self.num_experts}, hidden={self.hidden}, top_k={self.top_k}, "
+                f"activation={self.activation!r}, capacity_factor={self.capacity_factor}, "
+                f"eval_capacity_factor={self.eval_capacity_factor}, normalize_gates={self.normalize_gates}")

@@ -1,0 +1,130 @@
+"""Product keys: sub-key codebooks and exact top-k retrieval over their Cartesian product.
+
+Lample et al. 2019 ("Large Memory Layers with Product Keys"), as used by PEER (He 2024,
+"Mixture of A Million Experts", arXiv 2407.04153, section 2, product key retrieval):
+
+    the N = n1 * n2 keys are all concatenations [c_i, c'_j] of a sub-key c_i from codebook C
+    (n1 sub-keys) and c'_j from codebook C' (n2 sub-keys). A query q = [q1, q2] scores key (i, j)
+    as  q . [c_i, c'_j] = q1 . c_i + q2 . c'_j,  so the top-k keys are found by
+        I_C  = top-k_i (q1 . c_i),      I_C' = top-k_j (q2 . c'_j)        (k of n1, k of n2)
+        top-k over the k*k sums  q1 . c_i + q2 . c'_j,  (i, j) in I_C x I_C'.
+    This is exact: if (i, j) is among the top-k sums then i is in I_C (otherwise k rows i' beat i,
+    and every (i', j) beats (i, j)), and likewise j is in I_C'.
+
+Expert ids are flat: id = i * n2 + j (row i of the first codebook, column j of the second).
+Appending a row to the first codebook appends ids n1*n2 .. n1*n2 + n2 - 1, so ids stay stable and
+append-only under row growth (DESIGN.md section 5). The first codebook also carries an additive
+per-sub-key score ``offset1`` (zeros now) so that new rows can later enter dormant (a very
+negative offset, annealed to 0) without winning any top-k slot at the moment they are added.
+
+Shape suffixes (torchtitan style): T tokens (any leading dims), H heads, K top_k, N experts,
+D key dimension.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .dense import check_int
+
+
+def check_top_k(top_k: int, n1: int, n2: int) -> None:
+    """top_k must satisfy 1 <= top_k <= min(n1, n2): each half retrieves top_k of its codebook."""
+    check_int("top_k", top_k)
+    if top_k > min(n1, n2):
+        raise ValueError(f"top_k={top_k} exceeds the codebook side: the grid is {n1} x {n2} and "
+                         f"product-key retrieval takes top_k of each codebook, so top_k <= {min(n1, n2)}")
+
+
+def product_topk(scores1_THa: torch.Tensor, scores2_THb: torch.Tensor, k: int):
+    """Exact top-k of scores1[..., i] + scores2[..., j] over all n1 * n2 pairs (i, j).
+
+    scores1 [..., n1], scores2 [..., n2] (same leading shape) -> (scores [..., k] in descending
+    order, flat ids [..., k] int64 with id = i * n2 + j). Gradients flow to both inputs through
+    the returned scores; the ids are piecewise constant.
+    """
+    if scores1_THa.shape[:-1] != scores2_THb.shape[:-1]:
+        raise ValueError(f"scores1 and scores2 must share leading dims, got {tuple(scores1_THa.shape)} "
+                         f"and {tuple(scores2_THb.shape)}")
+    n1, n2 = scores1_THa.shape[-1], scores2_THb.shape[-1]
+    check_top_k(k, n1, n2)
+    top1_THK, idx1_THK = scores1_THa.topk(k, dim=-1)
+    top2_THK, idx2_THK = scores2_THb.topk(k, dim=-1)
+    # candidate c = a * k + b is the pair (idx1[a], idx2[b])
+    cand_THKK = (top1_THK.unsqueeze(-1) + top2_THK.unsqueeze(-2)).flatten(-2)
+    scores_THK, c_THK = cand_THKK.topk(k, dim=-1)
+    i_THK = idx1_THK.gather(-1, torch.div(c_THK, k, rounding_mode="floor"))
+    j_THK = idx2_THK.gather(-1, c_THK % k)
+    return scores_THK, i_THK * n2 + j_THK
+
+
+def product_scores(scores1_THa: torch.Tensor, scores2_THb: torch.Tensor) -> torch.Tensor:
+    """All n1 * n2 product-key scores [..., n1 * n2], entry i * n2 + j = scores1[i] + scores2[j].
+
+    Reference path for small grids: it materialises every score, which PEER's forward never does.
+    """
+    return (scores1_THa.unsqueeze(-1) + scores2_THb.unsqueeze(-2)).flatten(-2)
+
+
+def split_ids(ids: torch.Tensor, n2: int):
+    """Flat ids -> (row i in the first codebook, column j in the second)."""
+    return torch.div(ids, n2, rounding_mode="floor"), ids % n2
+
+
+class ProductKeys(nn.Module):
+    """Per-head sub-key codebooks: keys1 [H, n1, D/2], keys2 [H, n2, D/2], offset1 buffer [H, n1].
+
+    Every head has its own two codebooks over the one shared expert pool (PEER section 2,
+    multi-head retrieval). Sub-keys are initialised N(0, 1/(D/2)): with unit-variance query
+    features (what the query norm produces) each half-score then has unit variance, so the top-k
+    scores are O(1) and the softmax over them is smooth at init; the top-k selection itself does
+    not depend on this scale.
+    """
+
+    def __init__(self, heads: int, n1: int, n2: int, key_dim: int):
+        super().__init__()
+        check_int("heads", heads)
+        check_int("n1", n1)
+        check_int("n2", n2)
+        check_int("key_dim", key_dim, minimum=2)
+        if key_dim % 2:
+            raise ValueError(f"key_dim must be even (the query is split into two halves), got {key_dim}")
+        self.heads, self.key_dim = heads, key_dim
+        half = key_dim // 2
+        self.keys1 = nn.Parameter(torch.empty(heads, n1, half))
+        self.keys2 = nn.Parameter(torch.empty(heads, n2, half))
+        # additive score of each first-codebook sub-key; 0 = active. Persistent: it is model state.
+        self.register_buffer("offset1", torch.zeros(heads, n1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = 1.0 / math.sqrt(self.key_dim // 2)
+        nn.init.normal_(self.keys1, std=std)
+        nn.init.normal_(self.keys2, std=std)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.keys1.shape[1], self.keys2.shape[1]
+
+    def half_scores(self, q_THD: torch.Tensor):
+        """Queries [..., H, D] -> (s1 [..., H, n1] incl. offset1, s2 [..., H, n2])."""
+        half = self.key_dim // 2
+        q1_THd, q2_THd = q_THD[..., :half], q_THD[..., half:]
+        s1_THa = torch.einsum("...hd,hnd->...hn", q1_THd, self.keys1)
+        s2_THb = torch.einsum("...hd,hnd->...hn", q2_THd, self.keys2)
+        return s1_THa + self.offset1.to(s1_THa.dtype), s2_THb
+
+    def topk(self, q_THD: torch.Tensor, k: int):
+        """(scores [..., H, k], flat ids [..., H, k]) of each head's exact top-k product keys."""
+        return product_topk(*self.half_scores(q_THD), k)
+
+    def all_scores(self, q_THD: torch.Tensor) -> torch.Tensor:
+        """Every product key's score [..., H, n1 * n2] (reference path, small grids only)."""
+        return product_scores(*self.half_scores(q_THD))
+
+    def extra_repr(self) -> str:
+        n1, n2 = self.grid
+        return f"heads={self.heads}, grid={n1}x{n2}, key_dim={self.key_dim}"
