@@ -1,0 +1,408 @@
+"""Documents -> fixed-length (input, target) token blocks, with a document-level
+train/test split and an on-disk cache.
+
+Packing: the documents of a split are tokenised in visiting order and joined
+with :data:`SEPARATOR` (``"\\n\\n"``, encoded by the tokenizer: real text, so
+its bytes count towards bits per byte like any other). The joined stream is cut
+into non-overlapping chunks of ``T + 1`` tokens with stride ``T``: block ``i``
+is ``input = s[iT : iT+T]``, ``target = s[iT+1 : iT+T+1]``. A split is stored as
+the one flat stream of ``k*T + 1`` tokens its ``k`` blocks need; the ragged
+tail is dropped.
+
+Split: a document goes to test iff ``hash_unit("split", doc_id) <
+test_fraction``. The hash ignores the seed, so every seed evaluates on the same
+documents; the seed only changes the order documents are visited in, hence
+which ones fill the budgets. If that leaves a split without a single block (a
+domain made of one file, or very few documents), the domain falls back to a
+*positional* split: the text read is joined and its last ``test_fraction`` (at
+least one block) becomes test. ``info["split"]`` says which rule was used.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .errors import StreamError
+from .sources import DomainSpec, Source, hash_unit, make_source
+from .tokenizer import Tokenizer
+
+#: Bump when packing, splitting or the cache format changes: old entries are then ignored.
+CACHE_VERSION = 1
+#: Text put between two documents of a split.
+SEPARATOR = "\n\n"
+
+#: Process-wide counters (documents tokenised, cache hits/misses/writes); tests and
+#: users can check that a cached build did not re-read its source.
+STATS: collections.Counter = collections.Counter()
+
+
+class BlockDataset(Dataset):
+    """Blocks of one split: item ``i`` is ``(input_ids[T], target_ids[T])`` int64,
+    ``target = input`` shifted left by one token."""
+
+    def __init__(self, tokens: torch.Tensor, block_len: int):
+        if tokens.dim() != 1:
+            raise ValueError("tokens must be a flat 1-D tensor")
+        self.tokens = tokens
+        self.block_len = int(block_len)
+        self.num_blocks = max(0, (len(tokens) - 1) // self.block_len)
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+        i = int(index)  # Avalanche passes numpy and torch integers too
+        if i < 0:
+            i += self.num_blocks
+        if not 0 <= i < self.num_blocks:
+            raise IndexError(f"block {index} out of range (0..{self.num_blocks - 1})")
+        start = i * self.block_len
+        chunk = self.tokens[start : start + self.block_len + 1].to(torch.int64)
+        return chunk[:-1], chunk[1:]
+
+    def slice(self, start: int, stop: int) -> "BlockDataset":
+        """Blocks ``start..stop-1`` as a dataset sharing this one's memory."""
+        start, stop = max(0, start), min(stop, self.num_blocks)
+        if stop <= start:
+            return BlockDataset(self.tokens[:0], self.block_len)
+        return BlockDataset(self.tokens[start * self.block_len : stop * self.block_len + 1], self.block_len)
+
+
+@dataclass
+class DomainBlocks:
+    """The blocks of one domain and its ``domain_info`` record."""
+
+    train: BlockDataset
+    test: BlockDataset
+    info: dict
+
+
+def is_test_doc(doc_id: str, test_fraction: float) -> bool:
+    """The split of a document: deterministic in its id, independent of the seed."""
+    return hash_unit("split", doc_id) < test_fraction
+
+
+def split_budgets(train_tokens: int, test_tokens: int, test_fraction: float, max_tokens: Optional[int]) -> tuple[int, int]:
+    """Token budgets (train, test); a domain's ``max_tokens`` replaces both and is
+    divided by ``test_fraction``."""
+    if max_tokens is None:
+        return int(train_tokens), int(test_tokens)
+    test = int(round(max_tokens * test_fraction))
+    return int(max_tokens) - test, test
+
+
+def _storage_dtype(vocab_size: int) -> np.dtype:
+    if vocab_size <= 256:
+        return np.dtype(np.uint8)
+    if vocab_size <= 65536:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
+def _to_tensor(arr: np.ndarray) -> torch.Tensor:
+    # torch has only partial uint16 support: widen to int32, which indexes and casts everywhere.
+    if arr.dtype == np.uint16:
+        arr = arr.astype(np.int32)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+class _Packer:
+    """Accumulates one split's documents (token ids and bytes per token)."""
+
+    def __init__(self, need: int, sep_ids: np.ndarray, sep_bytes: np.ndarray):
+        self.need = need
+        self.sep_ids, self.sep_bytes = sep_ids, sep_bytes
+        self.ids: list[np.ndarray] = []
+        self.nbytes: list[np.ndarray] = []
+        self.doc_starts: list[int] = []  # offset of each document in the joined stream
+        self.n = 0
+
+    @property
+    def full(self) -> bool:
+        return self.n >= self.need
+
+    def add(self, ids: np.ndarray, nbytes: np.ndarray) -> int:
+        before = self.n
+        if self.doc_starts:
+            self.ids.append(self.sep_ids)
+            self.nbytes.append(self.sep_bytes)
+            self.n += len(self.sep_ids)
+        self.doc_starts.append(self.n)
+        self.ids.append(ids)
+        self.nbytes.append(nbytes)
+        self.n += len(ids)
+        return self.n - before
+
+    def joined(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        if not self.ids:
+            return np.zeros(0, dtype=dtype), np.zeros(0, dtype=np.int64)
+        return np.concatenate(self.ids).astype(dtype, copy=False), np.concatenate(self.nbytes).astype(np.int64)
+
+
+def _num_blocks(n_tokens: int, budget: int, block_len: int) -> int:
+    return max(0, min(budget // block_len, (n_tokens - 1) // block_len))
+
+
+def _docs_overlapping(doc_starts: list[int], lo: int, hi: int) -> int:
+    """Number of documents with at least one token in ``[lo, hi)``."""
+    starts = np.asarray(doc_starts + [np.iinfo(np.int64).max], dtype=np.int64)
+    return int(np.sum((starts[:-1] < hi) & (starts[1:] > lo))) if hi > lo else 0
+
+
+def _pack(
+    source: Source,
+    tokenizer: Tokenizer,
+    *,
+    block_len: int,
+    train_budget: int,
+    test_budget: int,
+    test_fraction: float,
+    seed: int,
+    has_filter: bool,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    d = f"domain '{source.domain}'"
+    T = block_len
+    dtype = _storage_dtype(tokenizer.vocab_size)
+    sep_ids, sep_bytes = tokenizer.encode_with_bytes(SEPARATOR)
+    need = {s: (b // T) * T + 1 for s, b in (("train", train_budget), ("test", test_budget))}
+    packers = {s: _Packer(need[s], sep_ids, sep_bytes) for s in ("train", "test")}
+    content = hashlib.sha256()
+    read = 0
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=need["train"] + need["test"], unit="tok", unit_scale=True, leave=False,
+        desc=f"tokenising {source.domain}", disable=not (progress and sys.stderr.isatty()),
+    )
+    try:
+        for doc in source.documents(seed):
+            split = "test" if is_test_doc(doc.doc_id, test_fraction) else "train"
+            p = packers[split]
+            if p.full:  # don't even read it
+                continue
+            text = doc.text()
+            read += 1
+            if not text.strip():
+                continue
+            ids, nbytes = tokenizer.encode_with_bytes(text)
+            STATS["documents_tokenized"] += 1
+            if len(ids) == 0:
+                continue
+            content.update(f"{split}\0".encode() + text.encode("utf-8") + b"\0")
+            grew = p.add(ids, nbytes)
+            bar.update(min(grew, max(0, need[split] - (p.n - grew))))
+            if packers["train"].full and packers["test"].full:
+                break
+    finally:
+        bar.close()
+
+    tr, te = packers["train"], packers["test"]
+    if tr.n + te.n == 0:
+        if has_filter:
+            raise StreamError(f"{d}: no text after filtering ({read} documents read)")
+        raise StreamError(f"{d}: no text (all {read} documents are empty)")
+
+    train_ids, train_bytes = tr.joined(dtype)
+    test_ids, test_bytes = te.joined(dtype)
+    k_train = _num_blocks(len(train_ids), train_budget, T)
+    k_test = _num_blocks(len(test_ids), test_budget, T)
+    mode = "document"
+    if k_train and k_test:
+        train_docs = _docs_overlapping(tr.doc_starts, 0, k_train * T + 1)
+        test_docs = _docs_overlapping(te.doc_starts, 0, k_test * T + 1)
+    else:
+        # Too few documents for a document-level split: split the joined text by position.
+        mode = "position"
+        starts = list(tr.doc_starts)
+        pieces_ids, pieces_bytes = [train_ids], [train_bytes]
+        if tr.n and te.n:
+            pieces_ids.append(sep_ids.astype(dtype))
+            pieces_bytes.append(sep_bytes.astype(np.int64))
+        offset = tr.n + (len(sep_ids) if tr.n and te.n else 0)
+        starts += [offset + s for s in te.doc_starts]
+        pieces_ids.append(test_ids)
+        pieces_bytes.append(test_bytes)
+        all_ids, all_bytes = np.concatenate(pieces_ids), np.concatenate(pieces_bytes)
+        n = len(all_ids)
+        if n < 2 * (T + 1):
+            raise StreamError(
+                f"{d}: only {n} tokens of text, fewer than the {2 * (T + 1)} that one train and one "
+                f"test block of block_len={T} need"
+            )
+        test_len = min(max(T + 1, int(round(test_fraction * n))), n - (T + 1))
+        cut = n - test_len
+        train_ids, train_bytes = all_ids[:cut], all_bytes[:cut]
+        test_ids, test_bytes = all_ids[cut:], all_bytes[cut:]
+        k_train = _num_blocks(len(train_ids), train_budget, T)
+        k_test = _num_blocks(len(test_ids), test_budget, T)
+        if not (k_train and k_test):
+            raise StreamError(
+                f"{d}: train_tokens/test_tokens/max_tokens leave no room for one block of block_len={T}"
+            )
+        train_docs = _docs_overlapping(starts, 0, k_train * T + 1)
+        test_docs = _docs_overlapping(starts, cut, cut + k_test * T + 1)
+        warnings.warn(
+            f"{d}: too few documents for a document-level train/test split; "
+            f"split the text by position instead (last {test_fraction:.0%} to test)",
+            stacklevel=4,
+        )
+
+    train_ids = train_ids[: k_train * T + 1]
+    test_ids = test_ids[: k_test * T + 1]
+    test_target_bytes = int(test_bytes[1 : k_test * T + 1].sum())
+    info = {
+        "name": source.domain,
+        "source": source.description,
+        "content_hash": content.hexdigest(),
+        "split": mode,
+        "train_docs": int(train_docs),
+        "test_docs": int(test_docs),
+        "train_blocks": int(k_train),
+        "test_blocks": int(k_test),
+        "train_tokens": int(k_train * T),
+        "test_tokens": int(k_test * T),
+        "test_bytes": test_target_bytes,
+        "bytes_per_token": test_target_bytes / (k_test * T),
+        "tokenizer": tokenizer.identity,
+        "block_len": T,
+    }
+    return np.ascontiguousarray(train_ids), np.ascontiguousarray(test_ids), info
+
+
+def _cache_key(spec: DomainSpec, source: Source, tokenizer: Tokenizer, **params: Any) -> str:
+    spec_d = spec.to_dict()
+    if spec_d.get("path") is not None:
+        spec_d["path"] = str(Path(spec_d["path"]).expanduser().resolve())
+    blob = {
+        "version": CACHE_VERSION,
+        "spec": spec_d,
+        "source": source.fingerprint(),
+        "tokenizer": tokenizer.identity,
+        "separator": SEPARATOR,
+        **params,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cache_path(cache_dir: Path, domain: str, key: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", domain)[:48] or "domain"
+    return cache_dir / f"{safe}-{key[:32]}.npz"
+
+
+def _read_cache(path: Path, key: str) -> Optional[tuple[np.ndarray, np.ndarray, dict]]:
+    """The cached entry, or None when absent or unreadable (it is then rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes().decode("utf-8"))
+            train, test = z["train"], z["test"]
+        T = meta["info"]["block_len"]
+        ok = (
+            meta.get("key") == key
+            and len(train) == meta["info"]["train_blocks"] * T + 1
+            and len(test) == meta["info"]["test_blocks"] * T + 1
+        )
+        return (train, test, meta["info"]) if ok else None
+    except Exception:  # truncated/corrupt file, foreign content: treat as a miss
+        return None
+
+
+def _write_cache(path: Path, key: str, train: np.ndarray, test: np.ndarray, info: dict) -> None:
+    """Write atomically: a temporary file in the same folder, then os.replace, so a
+    crash or a concurrent reader never sees half an entry."""
+    meta = np.frombuffer(json.dumps({"key": key, "info": info}).encode("utf-8"), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, train=train, test=test, meta=meta)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache is often shared
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    STATS["cache_writes"] += 1
+
+
+def prepare_cache_dir(cache_dir: Union[str, os.PathLike, None]) -> Optional[Path]:
+    """The cache folder, created if needed (StreamError if it cannot be)."""
+    if cache_dir is None:
+        return None
+    path = Path(cache_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StreamError(f"cache_dir {cache_dir}: cannot create folder ({e.strerror or e})") from None
+    if not path.is_dir():
+        raise StreamError(f"cache_dir {cache_dir}: not a folder")
+    return path
+
+
+def build_domain_blocks(
+    spec: Union[DomainSpec, dict],
+    tokenizer: Tokenizer,
+    *,
+    block_len: int,
+    train_tokens: int,
+    test_tokens: int,
+    test_fraction: float,
+    seed: int,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    progress: bool = True,
+) -> DomainBlocks:
+    """Train and test blocks of one domain, from the cache when an entry with the
+    same key exists. The key hashes the spec, the source's fingerprint (paths, sizes
+    and mtimes of its files), the tokenizer, the separator, block_len, the budgets,
+    test_fraction, the seed and :data:`CACHE_VERSION`."""
+    spec = DomainSpec.coerce(spec)
+    source = make_source(spec)
+    train_budget, test_budget = split_budgets(train_tokens, test_tokens, test_fraction, spec.max_tokens)
+    params = dict(block_len=int(block_len), train_budget=train_budget, test_budget=test_budget,
+                  test_fraction=float(test_fraction), seed=int(seed))
+    cache = prepare_cache_dir(cache_dir)
+    key = _cache_key(spec, source, tokenizer, **params) if cache is not None else None
+    path = _cache_path(cache, spec.name, key) if cache is not None else None
+
+    hit = _read_cache(path, key) if path is not None else None
+    if hit is not None:
+        STATS["cache_hits"] += 1
+        train, test, info = hit
+        info = dict(info, cached=True, cache_file=str(path))
+    else:
+        STATS["cache_misses"] += 1
+        train, test, info = _pack(
+            source, tokenizer, block_len=int(block_len), train_budget=train_budget, test_budget=test_budget,
+            test_fraction=float(test_fraction), seed=int(seed), has_filter=bool(spec.filter), progress=progress,
+        )
+        if path is not None:
+            try:
+                _write_cache(path, key, train, test, info)
+            except OSError as e:  # the blocks are built: a full disk should not lose them
+                warnings.warn(f"domain '{spec.name}': could not write cache entry {path}: {e}", stacklevel=2)
+        info = dict(info, cached=False, cache_file=str(path) if path is not None else None)
+    return DomainBlocks(
+        train=BlockDataset(_to_tensor(train), block_len),
+        test=BlockDataset(_to_tensor(test), block_len),
+        info=info,
+    )
