@@ -1,0 +1,153 @@
+"""A small decoder-only transformer whose feed-forward blocks are swappable.
+
+Pre-norm GPT (nanoGPT layout): token + learned position embeddings, causal
+self-attention, and per block one FFN built from the config: dense by default,
+PEER or MoE in the blocks named by `model.ffn_layers` (the paper puts one PEER
+layer in place of the middle block's FFN). The LM head is tied to the token
+embedding. Everything about training lives elsewhere; this file is architecture.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from experts import PEER, DenseFFN, MoE
+from lifelong.config import ModelConfig
+
+
+def build_ffn(cfg: ModelConfig, kind: str) -> nn.Module:
+    """One feed-forward block of the given kind; every kind maps [..., dim] -> [..., dim]."""
+    if kind == "dense":
+        return DenseFFN(cfg.dim, hidden=cfg.dense.hidden_mult * cfg.dim,
+                        activation=cfg.dense.activation, dropout=cfg.dropout)
+    if kind == "peer":
+        p = cfg.peer
+        return PEER(dim=cfg.dim, num_experts=p.num_experts, heads=p.heads, top_k=p.top_k,
+                    key_dim=p.key_dim, activation=p.activation, query_norm=p.query_norm,
+                    score=p.score, dropout=cfg.dropout)
+    if kind == "moe":
+        m = cfg.moe
+        return MoE(dim=cfg.dim, num_experts=m.num_experts, hidden=m.hidden_mult * cfg.dim,
+                   top_k=m.top_k, activation=m.activation, balance_coef=m.balance_coef,
+                   z_coef=m.z_coef, capacity_factor=m.capacity_factor,
+                   eval_capacity_factor=m.eval_capacity_factor, dropout=cfg.dropout)
+    raise ValueError(f"unknown FFN kind {kind!r}")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.dropout = dropout
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        q, k, v = self.qkv(x_BTD).split(D, dim=-1)
+        # [B, T, D] -> [B, n_heads, T, D / n_heads]
+        q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+    def flops_per_token(self, context: int) -> int:
+        dim = self.qkv.in_features
+        # projections (2 FLOPs per multiply-add) + scores and mixing over on average context/2 keys
+        return 2 * 4 * dim * dim + 2 * 2 * dim * (context // 2)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, ffn_kind: str):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(cfg.dim)
+        self.attn = CausalSelfAttention(cfg.dim, cfg.n_heads, cfg.dropout)
+        self.ln_ffn = nn.LayerNorm(cfg.dim)
+        self.ffn_kind = ffn_kind
+        self.ffn = build_ffn(cfg, ffn_kind)  # the swap point: dense, PEER or MoE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_attn(x))
+        return x + self.ffn(self.ln_ffn(x))
+
+
+class LanguageModel(nn.Module):
+    """Decoder-only transformer LM: `logits = model(input_ids)`, [B, T] -> [B, T, vocab]."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, context: int):
+        super().__init__()
+        self.cfg, self.vocab_size, self.context = cfg, vocab_size, context
+        special = set(cfg.special_layers())
+        self.tok_emb = nn.Embedding(vocab_size, cfg.dim)
+        self.pos_emb = nn.Embedding(context, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(cfg, cfg.ffn if i in special else "dense") for i in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # weight tying, as in GPT-2
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # GPT-2 init for the transformer's own linears; the FFN modules keep
+        # their own init (PEER's is chosen to match a dense FFN's output scale).
+        for name, module in self.named_modules():
+            if ".ffn" in name or name.endswith("ffn"):
+                continue
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        # Residual projections scaled by depth so the residual stream stays O(1).
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape
+        if T > self.context:
+            raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.context}")
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+    # -- what the harness needs to know about the FFNs ---------------------
+
+    def ffns(self) -> list[nn.Module]:
+        return [block.ffn for block in self.blocks]
+
+    def expert_layers(self) -> dict[str, nn.Module]:
+        """The PEER and MoE layers by name, e.g. {"blocks.2.ffn": PEER(...)}."""
+        return {f"blocks.{i}.ffn": block.ffn for i, block in enumerate(self.blocks)
+                if isinstance(block.ffn, (PEER, MoE))}
+
+    def num_experts(self) -> int:
+        """Total experts over every PEER and MoE layer."""
+        return sum(layer.num_experts for layer in self.expert_layers().values())
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the FFNs' auxiliary losses from the last forward (MoE balance and z-loss)."""
+        return sum((ffn.aux_loss() for ffn in self.ffns()), torch.zeros((), device=self.head.weight.device))
+
+    def flops_per_token(self) -> dict[str, int]:
+        """Forward FLOPs per token by component (a multiply-add is 2 FLOPs)."""
+        out = {}
+        for i, block in enumerate(self.blocks):
+            out[f"blocks.{i}.attn"] = block.attn.flops_per_token(self.context)
+            out[f"blocks.{i}.ffn ({block.ffn_kind})"] = int(block.ffn.flops_per_token())
+        out["head"] = 2 * self.cfg.dim * self.vocab_size
+        return out
+
+    def param_counts(self) -> dict[str, int]:
+        """Total parameters and parameters touched per token (tied head counted once)."""
+        total = sum(p.numel() for p in self.parameters())
+        ffn_total = sum(ffn.num_params() for ffn in self.ffns())
+        ffn_active = sum(ffn.active_params_per_token() for ffn in self.ffns())
+        # The tied token table is read whole by the LM head; of the position table one row per token.
+        active = total - ffn_total + ffn_active - self.pos_emb.weight.numel() + self.cfg.dim
+        return {"total": total, "active_per_token": active, "ffn_total": ffn_total, "ffn_active": ffn_active}

@@ -1,0 +1,103 @@
+"""The command line end to end: a smoke run, `flops`, and every bad input ending with exit status 2."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from lifelong import cli, metrics
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    code = cli.main(["run", "--preset", "smoke", "--out", str(out), "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_smoke_run_writes_the_run_directory(smoke_run):
+    for name in ("results.json", "metrics.csv", "config.yaml", "bpb_matrix.png"):
+        assert (smoke_run / name).is_file(), name
+    assert any((smoke_run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_results_are_self_consistent(smoke_run):
+    res = json.loads((smoke_run / "results.json").read_text())
+    domains, L = res["domains"], res["loss_matrix"]
+    assert domains == ["python", "cpp", "prose", "legal"]
+    assert res["stages"] == ["init"] + [f"after:{d}" for d in domains]
+    assert len(L) == len(domains) + 1 and all(len(row) == len(domains) for row in L)
+    assert res["forgetting"] == pytest.approx(dict(zip(domains, metrics.forgetting(L))))
+    assert res["bwt"] == pytest.approx(metrics.backward_transfer(L))
+    assert res["fwt"] == pytest.approx(metrics.forward_transfer(L))
+    bpt = [info["bytes_per_token"] for info in res["domain_info"]]
+    for row, row_bpb in zip(L, res["bpb_matrix"]):
+        assert row_bpb == pytest.approx([v / (math.log(2) * b) for v, b in zip(row, bpt)])
+    assert res["num_experts"] == [256] * 5
+    assert all(len(info["content_hash"]) == 64 for info in res["domain_info"])
+    assert res["config"]["model"]["dim"] == 64
+
+
+def test_each_domain_loss_falls_after_training_on_it(smoke_run):
+    L = json.loads((smoke_run / "results.json").read_text())["loss_matrix"]
+    for j in range(len(L[0])):
+        assert L[j + 1][j] < L[j][j], f"domain {j}: {L[j][j]:.3f} -> {L[j + 1][j]:.3f}"
+        assert L[j + 1][j] < L[0][j] - 1.0, f"domain {j}: init {L[0][j]:.3f} -> {L[j + 1][j]:.3f}"
+
+
+def test_metrics_csv_has_eval_and_train_rows(smoke_run):
+    lines = (smoke_run / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "name,x,value"
+    names = {line.split(",")[0] for line in lines[1:]}
+    assert "Loss_Exp/eval_phase/test_stream/Exp000" in names
+    assert "BPB_Stream/eval_phase/test_stream" in names
+    assert "Loss_MB/train_phase/train_stream" in names
+
+
+def test_existing_run_is_refused_and_untouched(smoke_run, capsys):
+    before = (smoke_run / "results.json").read_bytes()
+    assert cli.main(["run", "--preset", "smoke", "--out", str(smoke_run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds a run" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    assert (smoke_run / "results.json").read_bytes() == before
+
+
+def test_flops_prints_per_layer_and_total(capsys):
+    assert cli.main(["flops", "--preset", "smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.1.ffn (peer)" in out and "total" in out and "active per token" in out
+
+
+def run_cli(argv) -> int:
+    """cli.main's exit status, whether it returns it or argparse raises SystemExit."""
+    try:
+        return cli.main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--preset", "nope"], "unknown preset 'nope'"),
+    (["run", "--set", "train.lrr=1"], "unknown config key train.lrr"),
+    (["run", "--set", "train.batch_size=big"], "expected int"),
+    (["run", "--config", "/nonexistent/c.yaml"], "does not exist"),
+    (["flops", "--set", "model.peer.num_experts=1000"], "model.peer"),
+    (["bogus"], "invalid choice"),
+])
+def test_bad_input_exits_2_with_one_line(argv, message, capsys, tmp_path):
+    out = tmp_path / "r"
+    code = run_cli(argv + (["--out", str(out)] if argv[0] == "run" else []))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_console_entry_point_has_no_traceback_on_bad_input():
+    proc = subprocess.run([sys.executable, "-m", "lifelong.cli", "run", "--set", "model.ffn=sparse"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "lifelong: error: model.ffn: 'sparse' is not one of peer, moe, dense"
