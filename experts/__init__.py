@@ -3,9 +3,15 @@ single-neuron experts), a coarse top-k MoE and a dense FFN baseline, plus expert
 
 Depends on torch only; every layer maps x [..., dim] -> [..., dim] and exposes aux_loss(),
 aux_metrics(), flops_per_token(), num_params() and active_params_per_token().
+
+PEER and MoE grow online (``layer.grow(n, optimizer=opt)``, function-preserving, DESIGN.md
+section 5) and experts can be frozen (``freeze``); after loading a checkpoint in a fresh process
+re-install the optimizer hooks with ``attach(model, optimizer)`` (see experts/growth.py).
 """
 
 from .dense import DenseFFN
+from .growth import (append_rows_, attach, attached_optimizers, detach, freeze, freeze_existing, freeze_top_used,
+                     frozen_ids, kmeans, unfreeze)
 from .moe import MoE, load_balancing_loss, router_z_loss
 from .peer import PEER, QueryNorm, parse_grid
 from .product_keys import ProductKeys, product_scores, product_topk, split_ids
@@ -16,4 +22,6 @@ __all__ = [
     "ProductKeys", "product_topk", "product_scores", "split_ids", "QueryNorm", "parse_grid",
     "load_balancing_loss", "router_z_loss",
     "track_usage", "jaccard_overlap", "expert_set", "usage_fraction", "kl_to_uniform",
+    "attach", "detach", "attached_optimizers", "freeze", "unfreeze", "frozen_ids", "freeze_existing",
+    "freeze_top_used", "append_rows_", "kmeans",
 ]

@@ -20,6 +20,11 @@ Choices (implementations disagree on each, so here is ours):
     Slots are admitted in priority order: every token's first choice before any second choice,
     then token order (GShard). A dropped slot contributes nothing (the residual carries the
     token); the dropped fraction of slots is reported in aux_metrics().
+  - Growth (grow(), DESIGN.md section 5, experts/growth.py): new experts get a router-logit offset
+    (buffer ``logit_offset``) of -inf, then -margin * (1 - t/W), then 0. Experts still at -inf are
+    dormant: they have probability exactly 0, and neither the capacity nor the balance loss's
+    factor N counts them, so at the moment of growth the output, the losses and the metrics are
+    unchanged (dropless or not). Frozen experts (buffer ``frozen``) run on detached weights.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import growth
 from .dense import activation_fn, check_choice, check_dropout, check_int
 
 
@@ -114,13 +120,20 @@ class MoE(nn.Module):
             self.register_parameter("b1", None)
             self.register_parameter("b2", None)
         self.dropout = nn.Dropout(dropout)
+        # growth state per expert (see experts/growth.py); buffers, so checkpoints carry it
+        self.register_buffer("logit_offset", torch.zeros(num_experts))
+        self.register_buffer("warmup_left", torch.zeros(num_experts, dtype=torch.int64))
+        self.register_buffer("warmup_total", torch.zeros(num_experts, dtype=torch.int64))
+        self.register_buffer("warmup_margin", torch.zeros(num_experts))
+        self.register_buffer("generation", torch.zeros(num_experts, dtype=torch.int64))
+        self.register_buffer("frozen", torch.zeros(num_experts, dtype=torch.bool))
         self.usage_counter = None
         self._aux = None
         self._metrics = {"balance_loss": 0.0, "z_loss": 0.0, "dropped_fraction": 0.0}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.router.weight, std=math.sqrt(0.1 / self.dim))
+        nn.init.normal_(self.router.weight, std=self._router_std)
         # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases
         b_in, b_hid = 1.0 / math.sqrt(self.dim), 1.0 / math.sqrt(self.hidden)
         nn.init.uniform_(self.w1, -b_in, b_in)
@@ -128,6 +141,10 @@ class MoE(nn.Module):
         if self.bias:
             nn.init.uniform_(self.b1, -b_in, b_in)
             nn.init.uniform_(self.b2, -b_hid, b_hid)
+
+    @property
+    def _router_std(self) -> float:
+        return math.sqrt(0.1 / self.dim)
 
     # ---- routing ------------------------------------------------------------------------------
     def _flatten(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +157,7 @@ class MoE(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             # float32 at least (float64 stays float64 so tests can check to 1e-12)
             dtype = torch.promote_types(x_TD.dtype, torch.float32)
-            logits_TE = F.linear(x_TD.to(dtype), self.router.weight.to(dtype))
+            logits_TE = F.linear(x_TD.to(dtype), self.router.weight.to(dtype)) + self.logit_offset.to(dtype)
             probs_TE = logits_TE.softmax(dim=-1)
             top_TK, index_TK = probs_TE.topk(self.top_k, dim=-1)
             gates_TK = top_TK / top_TK.sum(dim=-1, keepdim=True) if self.normalize_gates else top_TK
@@ -158,16 +175,24 @@ class MoE(nn.Module):
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if self.capacity_factor is None or factor is None:
             return None
-        return math.ceil(factor * num_tokens * self.top_k / self.num_experts)
+        return math.ceil(factor * num_tokens * self.top_k / self.num_live_experts())
+
+    def num_live_experts(self) -> int:
+        """Experts that can be routed to: all but the dormant ones (offset -inf, just grown)."""
+        return self.num_experts - growth.cached_stat(self.logit_offset, "num_neginf")
 
     # ---- forward ------------------------------------------------------------------------------
-    def _expert(self, e: int, x_CD: torch.Tensor) -> torch.Tensor:
-        h = x_CD @ self.w1[e]
-        if self.b1 is not None:
-            h = h + self.b1[e]
-        out = self.act(h) @ self.w2[e]
-        if self.b2 is not None:
-            out = out + self.b2[e]
+    def _expert(self, e: int, x_CD: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """FFN of expert e; a frozen expert runs on detached weights (no gradient reaches them)."""
+        def weight(p):
+            return None if p is None else (p[e].detach() if frozen else p[e])
+        w1, b1, w2, b2 = weight(self.w1), weight(self.b1), weight(self.w2), weight(self.b2)
+        h = x_CD @ w1
+        if b1 is not None:
+            h = h + b1
+        out = self.act(h) @ w2
+        if b2 is not None:
+            out = out + b2
         return out
 
     def _dispatch(self, x_TD: torch.Tensor, gates_TK: torch.Tensor, index_TK: torch.Tensor):
@@ -189,6 +214,7 @@ class MoE(nn.Module):
         dropped = num_slots - order_S.numel()
 
         y_TD = torch.zeros_like(x_TD)
+        frozen_E = self.frozen.tolist() if self.has_frozen() else [False] * self.num_experts
         start = 0
         for e, count in enumerate(counts_E.tolist()):
             if count == 0:
@@ -196,7 +222,7 @@ class MoE(nn.Module):
             slots = order_S[start:start + count]
             start += count
             tokens = token_S[slots]
-            out_CD = self._expert(e, x_TD[tokens])
+            out_CD = self._expert(e, x_TD[tokens], frozen_E[e])
             y_TD.index_add_(0, tokens, (out_CD * gate_S[slots, None]).to(y_TD.dtype))
         return y_TD, dropped / max(num_slots, 1)
 
@@ -207,14 +233,106 @@ class MoE(nn.Module):
             self._aux = None
             return torch.zeros_like(x)
         balance = load_balancing_loss(probs_TE, index_TK, self.num_experts)
+        live = self.num_live_experts()
+        if live != self.num_experts:  # dormant experts have f = P = 0: count N over the live ones
+            balance = balance * (live / self.num_experts)
         z = router_z_loss(logits_TE)
         self._aux = self.balance_coef * balance + self.z_coef * z if self.training else None
         if self.usage_counter is not None and not self.training:
+            if self.usage_counter.num_experts < self.num_experts:  # the pool grew
+                self.usage_counter.grow_to(self.num_experts)
             self.usage_counter.update(gates_TK.detach(), index_TK)
         y_TD, dropped_fraction = self._dispatch(x_TD, gates_TK, index_TK)
         self._metrics = {"balance_loss": float(balance.detach()), "z_loss": float(z.detach()),
                          "dropped_fraction": float(dropped_fraction)}
         return self.dropout(y_TD).reshape(x.shape)
+
+    # ---- growth (DESIGN.md section 5; mechanics and schedule in experts/growth.py) ------------
+    def grow(self, n: int, optimizer=None, warmup_steps: int = 100, inputs=None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Add ``n`` experts; returns their ids, the int64 range old_E ..< new_E on the layer's device.
+
+        New router rows start dormant: logit offset -inf until the first optimizer step (the
+        softmax gives them probability exactly 0, so routes, gates and the dropless or capacity
+        output are unchanged at growth), then -margin * (1 - t / warmup_steps), 0 after
+        warmup_steps optimizer steps; margin = |x|max * (max |new router row| + max |old router
+        row|) bounds how far a new logit can exceed an old one, with |x|max from ``inputs``
+        [..., dim] when given, else sqrt(dim) (the LayerNorm in front of the block gives features
+        of unit variance). warmup_steps=0: live at once, not function-preserving.
+        New router rows and expert weights use reset_parameters' distributions. ``optimizer``:
+        state surgery for router and expert tensors and hooks, exactly as PEER.grow.
+        """
+        growth.check_grow_args(n, warmup_steps, optimizer)
+        old_e = self.num_experts
+        b_in, b_hid = 1.0 / math.sqrt(self.dim), 1.0 / math.sqrt(self.hidden)
+        router_ND = growth.normal((n, self.dim), self._router_std, generator)
+        if inputs is not None:
+            if not torch.is_tensor(inputs):
+                raise ValueError(f"inputs must be a tensor [..., dim], got {type(inputs).__name__}")
+            x_TD = self._flatten(inputs.detach()).to("cpu", torch.float64)
+            if x_TD.shape[0] == 0:
+                raise ValueError("inputs must hold at least one token")
+            x_norm = x_TD.norm(dim=-1).max()
+        else:
+            x_norm = torch.tensor(math.sqrt(self.dim), dtype=torch.float64)
+        margin = growth.score_margin(x_norm, self.router.weight.detach().to("cpu", torch.float64), router_ND)
+
+        optimizers = growth.surgery_targets(self, optimizer)
+        growth.check_resizable_state([self.router.weight, *self.expert_tables()], optimizers)
+        growth.append_rows_(self.router.weight, router_ND, dim=0, optimizers=optimizers)
+        growth.append_rows_(self.w1, growth.uniform((n, self.dim, self.hidden), b_in, generator), 0, optimizers)
+        growth.append_rows_(self.w2, growth.uniform((n, self.hidden, self.dim), b_hid, generator), 0, optimizers)
+        if self.bias:
+            growth.append_rows_(self.b1, growth.uniform((n, self.hidden), b_in, generator), 0, optimizers)
+            growth.append_rows_(self.b2, growth.uniform((n, self.dim), b_hid, generator), 0, optimizers)
+        steps_N = self.warmup_left.new_full((n,), warmup_steps)
+        margin_N = margin.to(self.warmup_margin).expand(n)
+        self.warmup_left = torch.cat([self.warmup_left, steps_N])
+        self.warmup_total = torch.cat([self.warmup_total, steps_N])
+        self.warmup_margin = torch.cat([self.warmup_margin, margin_N])
+        self.logit_offset = torch.cat([self.logit_offset,
+                                       growth.warmup_offsets(steps_N, steps_N, margin_N).to(self.logit_offset)])
+        self.generation = torch.cat([self.generation, self.generation.new_full((n,), int(self.generation.max()) + 1)])
+        self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(n)])
+        self.num_experts = old_e + n
+        if self.usage_counter is not None:
+            self.usage_counter.grow_to(self.num_experts)
+        if optimizer is not None:
+            growth.attach(self, optimizer)
+        return torch.arange(old_e, self.num_experts, device=self.w1.device)
+
+    def advance_warmup(self, steps: int = 1) -> None:
+        """Anneal the dormant logit offsets by ``steps`` optimizer steps (experts.attach does it)."""
+        check_int("steps", steps)
+        if growth.cached_stat(self.warmup_left, "any_positive"):
+            with torch.no_grad():
+                growth.advance_warmup_(self.logit_offset, self.warmup_left, self.warmup_total,
+                                       self.warmup_margin, steps)
+
+    def expert_generation(self) -> torch.Tensor:
+        """Per expert [E]: 0 for the original experts, g for those added by the g-th growth."""
+        return self.generation.clone()
+
+    def expert_tables(self) -> list[nn.Parameter]:
+        """The parameters whose dim-0 rows are experts (what freezing protects)."""
+        return [p for p in (self.w1, self.b1, self.w2, self.b2) if p is not None]
+
+    def has_frozen(self) -> bool:
+        """Whether any expert is frozen (cached on the buffer's version: no sync per forward)."""
+        return growth.cached_stat(self.frozen, "any")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint of a grown MoE (more experts) resizes this one to match first."""
+        saved = state_dict.get(prefix + "router.weight")
+        if torch.is_tensor(saved) and saved.dim() == 2 and saved.shape[0] > self.num_experts:
+            e = saved.shape[0]
+            growth.resize_rows_(self.router, "weight", e)
+            for name in ("w1", "w2", "b1", "b2", "logit_offset", "warmup_left", "warmup_total",
+                         "warmup_margin", "generation", "frozen"):
+                if getattr(self, name) is not None:
+                    growth.resize_rows_(self, name, e)
+            self.num_experts = e
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- FFN interface ------------------------------------------------------------------------
     def aux_loss(self) -> torch.Tensor:

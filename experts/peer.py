@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import growth
 from .dense import activation_fn, check_choice, check_dropout, check_int
 from .product_keys import ProductKeys, check_top_k
 
@@ -118,6 +119,11 @@ class PEER(nn.Module):
     Usage recording: set ``layer.usage_counter = UsageCounter(layer.num_experts, layer.heads)``
     (or call experts.usage.track_usage(layer)); while the layer is in eval mode every forward adds
     its routing weights to the counter. Training forwards are not recorded.
+
+    Growth and freezing (DESIGN.md section 5, experts/growth.py): grow() appends rows of experts
+    that enter dormant and warm in; the ``frozen`` buffer [N] marks experts whose u/v the forward
+    detaches and the optimizer guard (experts.attach) keeps bit-identical. Loading the state dict
+    of a grown layer into a smaller one resizes it first.
     """
 
     def __init__(self, dim: int, num_experts, heads: int = 8, top_k: int = 16, key_dim: int = 128,
@@ -145,6 +151,7 @@ class PEER(nn.Module):
         self.expert_u = nn.Parameter(torch.empty(n1 * n2, dim))
         self.expert_v = nn.Parameter(torch.empty(n1 * n2, dim))
         self.dropout = nn.Dropout(dropout)
+        self.register_buffer("frozen", torch.zeros(n1 * n2, dtype=torch.bool))
         self.usage_counter = None  # an experts.usage.UsageCounter, fed in eval mode when set
         self.reset_parameters()
 
@@ -152,10 +159,17 @@ class PEER(nn.Module):
         """The output-scale-matched initialisation described in the class docstring."""
         self.query.reset_parameters()
         self.codebooks.reset_parameters()
-        m = self.heads * self.top_k
+        nn.init.uniform_(self.expert_u, -self._u_bound, self._u_bound)
+        nn.init.uniform_(self.expert_v, -self._v_bound, self._v_bound)
+
+    @property
+    def _u_bound(self) -> float:
+        return 1.0 / math.sqrt(self.dim)
+
+    @property
+    def _v_bound(self) -> float:
         c = self.top_k if self.score == "softmax" else 1.0
-        nn.init.uniform_(self.expert_u, -1.0 / math.sqrt(self.dim), 1.0 / math.sqrt(self.dim))
-        nn.init.uniform_(self.expert_v, -c / math.sqrt(m), c / math.sqrt(m))
+        return c / math.sqrt(self.heads * self.top_k)
 
     # ---- shape / size -------------------------------------------------------------------------
     @property
@@ -215,10 +229,118 @@ class PEER(nn.Module):
         # (bmm measured ~10% faster than the equivalent einsums on CPU).
         ids_TM = ids_THK.reshape(x_TD.shape[0], -1)
         u_TMD, v_TMD = self.experts(ids_TM)
+        if self.has_frozen():  # frozen experts compute as usual but receive no gradient
+            frozen_TM1 = self.frozen[ids_TM].unsqueeze(-1)
+            u_TMD = torch.where(frozen_TM1, u_TMD.detach(), u_TMD)
+            v_TMD = torch.where(frozen_TM1, v_TMD.detach(), v_TMD)
         h_TM = torch.bmm(u_TMD, x_TD.unsqueeze(-1)).squeeze(-1)              # u_i . x
         a_TM = self.act(h_TM) * weights_THK.reshape(h_TM.shape)               # g_i(x) act(u_i . x)
         y_TD = torch.bmm(a_TM.unsqueeze(1).to(v_TMD.dtype), v_TMD).squeeze(1)  # sum_i g_i act(.) v_i
         return self.dropout(y_TD).reshape(x.shape)
+
+    # ---- growth (DESIGN.md section 5; mechanics and schedule in experts/growth.py) ------------
+    def grow(self, n: int, optimizer=None, warmup_steps: int = 100, init: str = "random", inputs=None,
+             usage=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Add at least ``n`` experts as ceil(n / n2) new grid rows; returns their ids, the int64
+        range old_N ..< new_N on the layer's device. Old ids keep naming the same parameters.
+
+        Function-preserving: each new row's score offset is -inf until the first optimizer step,
+        so right after growth no new key can enter any top-k: routes (train and eval mode) are the
+        old ones and outputs too, up to last-bit rounding of the wider score matmul; then the offset is -margin * (1 - t / warmup_steps), a handicap
+        that starts where no new key can out-score an old one (Cauchy-Schwarz margin from the
+        sub-key norms and the query norm) and reaches 0 after ``warmup_steps`` optimizer steps
+        (justification: experts/growth.py). warmup_steps=0: the new rows are live at once and the
+        output may change immediately.
+
+        optimizer: its state for keys1, expert_u and expert_v is extended (old moments kept bit-
+            identical, new rows zero, 'step' kept) and the warm-in / freeze hooks are attached to
+            it (once; experts.attach). Optimizers the layer is already attached to get the same
+            surgery. Without any, call advance_warmup() after each optimizer step yourself.
+        init: new sub-keys "random" | "copy" (of the rows most used in ``usage``, a UsageCounter
+            or counts [N] / [H, N]; random without usage) | "kmeans" (centres of the first-half
+            queries of ``inputs``), see growth.new_subkeys. New u / v rows follow
+            reset_parameters: a random v (not zero) lets a new expert contribute, and so send
+            gradient to its sub-key, from the moment it is first retrieved; with v = 0 the key's
+            gradient (through the weight times act(u . x) v) would vanish and the new rows could
+            not learn where to go. Function preservation comes from the offset, not from v.
+        inputs: recent inputs x [..., dim] of the layer; required by "kmeans", and when given the
+            margin uses the largest first-half query norm among them instead of sqrt(key_dim/2).
+            Queries are computed with the query norm in eval mode (no running-stat update).
+        generator: a CPU torch.Generator for every random draw (None = torch's global RNG).
+        """
+        growth.check_grow_args(n, warmup_steps, optimizer)
+        check_choice("init", init, growth.INITS)
+        if init == "kmeans" and inputs is None:
+            raise ValueError('init="kmeans" needs inputs: recent inputs x [..., dim] of the layer')
+        n2 = self.grid[1]
+        rows = -(-n // n2)
+        old_n = self.num_experts
+        q1_THd = None
+        if inputs is not None:
+            q1_THd = self._probe_queries(inputs)[..., : self.key_dim // 2].to("cpu", torch.float64)
+            if init == "kmeans" and q1_THd.shape[0] < rows:
+                raise ValueError(f'init="kmeans" needs at least {rows} input tokens (one per new row), '
+                                 f"got {q1_THd.shape[0]}")
+        keys_HRd = growth.new_subkeys(self, rows, init, q1_THd, usage, generator)
+        half = self.key_dim // 2
+        q_norm_H = (q1_THd.norm(dim=-1).amax(0) if q1_THd is not None
+                    else torch.full((self.heads,), math.sqrt(half), dtype=torch.float64))
+        margin_H = growth.score_margin(q_norm_H, self.codebooks.keys1.detach().to("cpu", torch.float64), keys_HRd)
+        u_RD = growth.uniform((rows * n2, self.dim), self._u_bound, generator)
+        v_RD = growth.uniform((rows * n2, self.dim), self._v_bound, generator)
+
+        optimizers = growth.surgery_targets(self, optimizer)
+        growth.check_resizable_state([self.codebooks.keys1, self.expert_u, self.expert_v], optimizers)
+        self.codebooks.append_rows(keys_HRd, warmup_steps, margin_H, optimizers)
+        growth.append_rows_(self.expert_u, u_RD, dim=0, optimizers=optimizers)
+        growth.append_rows_(self.expert_v, v_RD, dim=0, optimizers=optimizers)
+        self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(rows * n2)])
+        if self.usage_counter is not None:
+            self.usage_counter.grow_to(self.num_experts)
+        if optimizer is not None:
+            growth.attach(self, optimizer)
+        return torch.arange(old_n, self.num_experts, device=self.expert_u.device)
+
+    @torch.no_grad()
+    def _probe_queries(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Queries [T, H, key_dim] of ``inputs`` with the query norm in eval mode (no side effects)."""
+        if not torch.is_tensor(inputs):
+            raise ValueError(f"inputs must be a tensor [..., dim], got {type(inputs).__name__}")
+        x_TD = self._flatten(inputs.to(self.expert_u.device, self.query.weight.dtype))
+        if x_TD.shape[0] == 0:
+            raise ValueError("inputs must hold at least one token")
+        was_training = self.norm.training
+        self.norm.eval()
+        try:
+            return self._queries(x_TD)
+        finally:
+            self.norm.train(was_training)
+
+    def advance_warmup(self, steps: int = 1) -> None:
+        """Anneal the dormant offsets of rows still warming in by ``steps`` optimizer steps.
+        experts.attach(model, optimizer) calls this after every optimizer step."""
+        self.codebooks.advance_warmup(steps)
+
+    def expert_generation(self) -> torch.Tensor:
+        """Per expert [N]: 0 for the original experts, g for those added by the g-th growth."""
+        return self.codebooks.generation.repeat_interleave(self.grid[1])
+
+    def expert_tables(self) -> list[nn.Parameter]:
+        """The parameters whose dim-0 rows are experts (what freezing protects)."""
+        return [self.expert_u, self.expert_v]
+
+    def has_frozen(self) -> bool:
+        """Whether any expert is frozen (cached on the buffer's version: no sync per forward)."""
+        return growth.cached_stat(self.frozen, "any")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint of a grown layer (larger expert tables) resizes this one to match first;
+        the codebooks resize themselves (ProductKeys._load_from_state_dict)."""
+        saved = state_dict.get(prefix + "expert_u")
+        if torch.is_tensor(saved) and saved.dim() == 2 and saved.shape[0] > self.expert_u.shape[0]:
+            for name in ("expert_u", "expert_v", "frozen"):
+                growth.resize_rows_(self, name, saved.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- FFN interface shared with DenseFFN / MoE --------------------------------------------
     def aux_loss(self) -> torch.Tensor:

@@ -14,8 +14,8 @@ Lample et al. 2019 ("Large Memory Layers with Product Keys"), as used by PEER (H
 Expert ids are flat: id = i * n2 + j (row i of the first codebook, column j of the second).
 Appending a row to the first codebook appends ids n1*n2 .. n1*n2 + n2 - 1, so ids stay stable and
 append-only under row growth (DESIGN.md section 5). The first codebook also carries an additive
-per-sub-key score ``offset1`` (zeros now) so that new rows can later enter dormant (a very
-negative offset, annealed to 0) without winning any top-k slot at the moment they are added.
+per-sub-key score ``offset1`` so that new rows enter dormant (-inf, then a negative margin annealed
+to 0, see experts/growth.py) without winning any top-k slot at the moment they are added.
 
 Shape suffixes (torchtitan style): T tokens (any leading dims), H heads, K top_k, N experts,
 D key dimension.
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .dense import check_int
+from .growth import advance_warmup_, append_rows_, cached_stat, resize_rows_, warmup_offsets
 
 
 def check_top_k(top_k: int, n1: int, n2: int) -> None:
@@ -77,6 +78,12 @@ def split_ids(ids: torch.Tensor, n2: int):
 class ProductKeys(nn.Module):
     """Per-head sub-key codebooks: keys1 [H, n1, D/2], keys2 [H, n2, D/2], offset1 buffer [H, n1].
 
+    Growth state, one entry per first-codebook row (buffers, so checkpoints carry it):
+    warmup_left / warmup_total [n1] (optimizer steps of warm-in to go / in all; 0 = live),
+    warmup_margin [H, n1] (the row's starting handicap after step 0) and generation [n1]
+    (0 = original rows, g = added by the g-th growth). append_rows() grows the codebook,
+    advance_warmup() anneals offset1 of the warming rows (schedule: experts/growth.py).
+
     Every head has its own two codebooks over the one shared expert pool (PEER section 2,
     multi-head retrieval). Sub-keys are initialised N(0, 1/(D/2)): with unit-variance query
     features (what the query norm produces) each half-score then has unit variance, so the top-k
@@ -98,6 +105,10 @@ class ProductKeys(nn.Module):
         self.keys2 = nn.Parameter(torch.empty(heads, n2, half))
         # additive score of each first-codebook sub-key; 0 = active. Persistent: it is model state.
         self.register_buffer("offset1", torch.zeros(heads, n1))
+        self.register_buffer("warmup_left", torch.zeros(n1, dtype=torch.int64))
+        self.register_buffer("warmup_total", torch.zeros(n1, dtype=torch.int64))
+        self.register_buffer("warmup_margin", torch.zeros(heads, n1))
+        self.register_buffer("generation", torch.zeros(n1, dtype=torch.int64))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -124,6 +135,52 @@ class ProductKeys(nn.Module):
     def all_scores(self, q_THD: torch.Tensor) -> torch.Tensor:
         """Every product key's score [..., H, n1 * n2] (reference path, small grids only)."""
         return product_scores(*self.half_scores(q_THD))
+
+    # ---- growth -------------------------------------------------------------------------------
+    def append_rows(self, keys_HRd: torch.Tensor, warmup_steps: int, margin_H: torch.Tensor,
+                    optimizers=()) -> None:
+        """Append R sub-keys [H, R, D/2] to every head's first codebook as one new generation.
+
+        The new rows' offset starts at -inf (0 if warmup_steps == 0) with ``margin_H`` [H] as their
+        handicap after the first step; the optimizers' keys1 state is extended (growth.append_rows_).
+        """
+        check_int("warmup_steps", warmup_steps, minimum=0)
+        H, R = keys_HRd.shape[:2]
+        if H != self.heads or margin_H.shape != (H,):
+            raise ValueError(f"expected keys [heads={self.heads}, R, {self.key_dim // 2}] and margin [{self.heads}], "
+                             f"got {tuple(keys_HRd.shape)} and {tuple(margin_H.shape)}")
+        append_rows_(self.keys1, keys_HRd, dim=1, optimizers=optimizers)
+        steps_R = self.warmup_left.new_full((R,), warmup_steps)
+        margin_HR = margin_H.to(self.warmup_margin).unsqueeze(1).expand(H, R)
+        self.warmup_left = torch.cat([self.warmup_left, steps_R])
+        self.warmup_total = torch.cat([self.warmup_total, steps_R])
+        self.warmup_margin = torch.cat([self.warmup_margin, margin_HR], dim=1)
+        self.offset1 = torch.cat([self.offset1, warmup_offsets(steps_R, steps_R, margin_HR).to(self.offset1)], dim=1)
+        newest = int(self.generation.max()) + 1
+        self.generation = torch.cat([self.generation, self.generation.new_full((R,), newest)])
+
+    def warming_up(self) -> bool:
+        """Whether any row still has warm-in steps to go (cached: no device sync per call)."""
+        return cached_stat(self.warmup_left, "any_positive")
+
+    def advance_warmup(self, steps: int = 1) -> None:
+        """Anneal the warming rows' offset1 by ``steps`` optimizer steps (growth.warmup_offsets)."""
+        check_int("steps", steps)
+        if self.warming_up():
+            with torch.no_grad():
+                advance_warmup_(self.offset1, self.warmup_left, self.warmup_total, self.warmup_margin, steps)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint of a grown codebook (more first-codebook rows) resizes this one to match
+        before the values are copied in."""
+        saved = state_dict.get(prefix + "keys1")
+        if torch.is_tensor(saved) and saved.dim() == 3 and saved.shape[1] > self.keys1.shape[1]:
+            n1 = saved.shape[1]
+            resize_rows_(self, "keys1", n1, dim=1)
+            for name, dim in (("offset1", 1), ("warmup_margin", 1), ("warmup_left", 0),
+                              ("warmup_total", 0), ("generation", 0)):
+                resize_rows_(self, name, n1, dim=dim)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         n1, n2 = self.grid
