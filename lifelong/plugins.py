@@ -1,11 +1,26 @@
-"""Avalanche plugins the LM harness adds to every strategy: learning-rate schedule and gradient clipping."""
+"""Avalanche plugins of the LM harness: learning-rate schedule, gradient clipping, cumulative
+training, token-level distillation (LwF for language models) and Avalanche's Synaptic
+Intelligence with a fix that makes it work on the CPU.
+
+Plugins that carry state across experiences implement `state_dict(strategy) -> dict` and
+`load_state_dict(strategy, state)`; `lifelong.strategies.strategy_state_dict` collects them for
+checkpoints. Their state holds only tensors, numbers, strings, lists and dicts, so it loads with
+`torch.load(weights_only=True)`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from avalanche.benchmarks.utils.utils import concat_datasets
 from avalanche.core import SupervisedPlugin
+from avalanche.training.plugins import SynapticIntelligencePlugin
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -16,37 +31,77 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class WarmupCosinePlugin(SupervisedPlugin):
-    """Re-warm and decay the learning rate within every experience.
+def steps_per_experience(len_dataset: int, cfg) -> int:
+    """Optimizer steps one experience of `len_dataset` blocks takes under `cfg.train`.
 
-    The standard recipe for continual pre-training: each new domain starts with
-    a short linear warmup, then cosine decay over that experience's steps. The
-    base learning rate of each parameter group is remembered on first use, so
-    groups with their own rates keep their ratios.
+    Avalanche's train loader keeps the last partial micro-batch (`drop_last=False`, in both the
+    plain and the replay loader, whose length is set by the current data alone), and the LM
+    template steps the last partial accumulation group of every epoch too:
+    ceil(ceil(len / micro_batch) / grad_accum) per epoch.
+    """
+    t = cfg.train
+    micro_batches = math.ceil(len_dataset / (t.batch_size // t.grad_accum))
+    return math.ceil(micro_batches / t.grad_accum) * t.epochs
+
+
+class WarmupCosinePlugin(SupervisedPlugin):
+    """Linear warmup then cosine decay, counted in optimizer steps (not micro-batches).
+
+    `total_steps=None` re-warms in every experience (continual pre-training): the schedule spans
+    that experience's optimizer steps. Otherwise one schedule spans the whole stream:
+    `total_steps` is the stream's optimizer-step count, or a callable `strategy -> int` resolved
+    at the first experience (see `lifelong.strategies.stream_steps`). Each parameter group is
+    scaled from its own `base_lr` (set by `build_optimizer`; taken from its current `lr` when
+    absent), so groups keep their ratios (the expert group's `expert_lr_mult`). Warmup is capped
+    at half the schedule so a short experience still decays.
     """
 
-    def __init__(self, warmup_steps: int, min_lr_ratio: float):
+    def __init__(self, warmup_steps: int, min_lr_ratio: float,
+                 total_steps: int | Callable[[object], int] | None = None):
         super().__init__()
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
-        self._step = 0
-        self._total = 1
+        self.rewarm = total_steps is None
+        self._total_source = total_steps
+        self.step = 0
+        self.total: int | None = None
 
     def before_training_exp(self, strategy, **kwargs) -> None:
-        self._step = 0
-        self._total = max(1, len(strategy.dataloader) * strategy.train_epochs)
         for group in strategy.optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
+        if self.rewarm:
+            grad_accum = getattr(strategy, "grad_accum", 1)
+            self.step = 0
+            self.total = max(1, math.ceil(len(strategy.dataloader) / grad_accum) * strategy.train_epochs)
+        elif self.total is None:
+            source = self._total_source
+            self.total = max(1, int(source(strategy) if callable(source) else source))
 
-    def before_training_iteration(self, strategy, **kwargs) -> None:
-        scale = warmup_cosine(self._step, self._total, min(self.warmup_steps, self._total // 2), self.min_lr_ratio)
+    def lr_scale(self) -> float:
+        total = self.total or 1
+        return warmup_cosine(self.step, total, min(self.warmup_steps, total // 2), self.min_lr_ratio)
+
+    def before_update(self, strategy, **kwargs) -> None:
+        scale = self.lr_scale()
         for group in strategy.optimizer.param_groups:
             group["lr"] = group["base_lr"] * scale
-        self._step += 1
+
+    def after_update(self, strategy, **kwargs) -> None:
+        self.step += 1
+
+    def state_dict(self, strategy) -> dict:
+        return {"step": self.step, "total": self.total}
+
+    def load_state_dict(self, strategy, state: dict) -> None:
+        self.step, self.total = int(state["step"]), state["total"]
 
 
 class GradClipPlugin(SupervisedPlugin):
-    """Clip the global gradient norm before every optimizer step."""
+    """Clip the global gradient norm once before every optimizer step.
+
+    `before_update` fires only when the LM template is about to step, so with gradient
+    accumulation the norm is that of the whole accumulated gradient.
+    """
 
     def __init__(self, max_norm: float):
         super().__init__()
@@ -54,3 +109,134 @@ class GradClipPlugin(SupervisedPlugin):
 
     def before_update(self, strategy, **kwargs) -> None:
         torch.nn.utils.clip_grad_norm_(strategy.model.parameters(), self.max_norm)
+
+
+class CumulativePlugin(SupervisedPlugin):
+    """Train every experience on the union of all train experiences seen so far.
+
+    Avalanche's `Cumulative` as a plugin, so it runs on the one LM template. The seen experiences
+    are kept as indices into the experience's `origin_stream` (the train stream), which makes the
+    state a list of ints that a fresh process resolves against its rebuilt benchmark. The union is
+    ordered like Avalanche's: earlier experiences first, the current one last.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[int] = []
+
+    def after_train_dataset_adaptation(self, strategy, **kwargs) -> None:
+        exp = strategy.experience
+        past = [exp.origin_stream[i].dataset for i in self.seen if i != exp.current_experience]
+        if past:
+            strategy.adapted_dataset = concat_datasets(past + [strategy.adapted_dataset]).train()
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        index = strategy.experience.current_experience
+        if index not in self.seen:
+            self.seen.append(index)
+
+    def state_dict(self, strategy) -> dict:
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, strategy, state: dict) -> None:
+        self.seen = [int(i) for i in state["seen"]]
+
+
+class LMSynapticIntelligencePlugin(SynapticIntelligencePlugin):
+    """Avalanche's SynapticIntelligencePlugin, with its weight snapshots made real copies.
+
+    Avalanche 0.6.0 snapshots parameters with `param.detach().cpu().flatten()`, which on the CPU
+    is a view of the parameter, not a copy: the optimizer's in-place update then moves the
+    "old" weights along with the new ones, so the path integral and the anchor of the penalty
+    stay exactly zero and SI silently does nothing (on CUDA `.cpu()` copies, so it works there).
+    Cloning the two snapshots that must outlive an update (the anchor taken at the start of an
+    experience and the pre-step weights of each iteration) fixes it on every device without
+    changing the algorithm.
+    """
+
+    def before_training_exp(self, strategy, **kwargs):
+        super().before_training_exp(strategy, **kwargs)
+        _detach_snapshots(self.ewc_data[0])
+
+    def before_training_iteration(self, strategy, **kwargs):
+        super().before_training_iteration(strategy, **kwargs)
+        _detach_snapshots(self.syn_data["old_theta"])
+
+
+def _detach_snapshots(params: dict) -> None:
+    for data in params.values():
+        data.data = data.data.clone()
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(teacher_T || student_T), summed over the vocabulary and averaged over tokens.
+
+    Both distributions are softmaxes of logits / T in float32. The T^2 factor (Hinton et al.)
+    keeps the gradient scale of the term independent of the temperature.
+    """
+    log_s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
+    kl = F.kl_div(log_s, log_t, log_target=True, reduction="sum") / log_s.shape[0]
+    return kl * temperature ** 2
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    teacher = copy.deepcopy(model)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+class LMDistillPlugin(SupervisedPlugin):
+    """Token-level distillation from the model frozen at the end of the previous experience.
+
+    Avalanche's LwF and LFL are classification-only; this is LwF for language models: from the
+    second experience on, `loss += weight * T^2 * KL(teacher_T || student_T)` per token on the
+    current minibatch (`distill_kl`). The teacher is a deep copy taken in `after_training_exp`,
+    in eval mode (no dropout, BatchNorm running statistics) and without gradients; its forward
+    runs under the template's autocast, if any.
+    """
+
+    def __init__(self, weight: float, temperature: float):
+        super().__init__()
+        self.weight = weight
+        self.temperature = temperature
+        self.teacher: nn.Module | None = None
+        self.last_kl: float | None = None
+        """The last minibatch's (unweighted) distillation term, for logging and tests."""
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        self.teacher = _frozen_copy(strategy.model)
+
+    def before_backward(self, strategy, **kwargs) -> None:
+        if self.teacher is None:
+            return
+        autocast = getattr(strategy, "autocast", contextlib.nullcontext)
+        with torch.no_grad(), autocast():
+            teacher_logits = self.teacher(strategy.mb_x)
+        kl = distill_kl(strategy.mb_output, teacher_logits, self.temperature)
+        self.last_kl = float(kl.detach())
+        strategy.loss = strategy.loss + self.weight * kl
+
+    def state_dict(self, strategy) -> dict:
+        """The teacher's weights, or "model" when they equal the model's (the usual case at an
+        experience boundary, which keeps checkpoints from holding the model twice)."""
+        if self.teacher is None:
+            return {"teacher": None}
+        teacher = self.teacher.state_dict()
+        model = strategy.model.state_dict()
+        if teacher.keys() == model.keys() and all(
+                teacher[k].shape == model[k].shape and torch.equal(teacher[k], model[k]) for k in teacher):
+            return {"teacher": "model"}
+        return {"teacher": {k: v.detach().cpu().clone() for k, v in teacher.items()}}
+
+    def load_state_dict(self, strategy, state: dict) -> None:
+        """Needs the model's weights loaded first (the teacher is built from it)."""
+        saved = state["teacher"]
+        if saved is None:
+            self.teacher = None
+            return
+        teacher = _frozen_copy(strategy.model)
+        if saved != "model":
+            teacher.load_state_dict(saved)
+        self.teacher = teacher

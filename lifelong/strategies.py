@@ -1,83 +1,559 @@
 """Avalanche strategies wired for language modelling.
 
-Avalanche's templates assume classification in two places we must cover: the
-criterion receives `[B, T, V]` logits against `[B, T]` targets (so it must
-flatten them), and the default evaluator computes accuracy with `max(dim=1)`
-(so we always pass our own `EvaluationPlugin`).
+Every strategy is one `LMTemplate` (a `SupervisedTemplate`) plus Avalanche plugins:
+
+    naive       no plugin
+    replay      ReplayPlugin + ExperienceBalancedBuffer (class-free: it never reads targets)
+    ewc         EWCPlugin (mode separate | online with decay)
+    si          LMSynapticIntelligencePlugin (Avalanche's, with real weight snapshots on the CPU)
+    mas         MASPlugin
+    agem        AGEMPlugin
+    cumulative  CumulativePlugin (union of the experiences seen so far)
+    joint       LMTemplate(joint=True): one pass over the union of the stream given to train()
+    distill     LMDistillPlugin (token-level LwF)
+
+Avalanche assumes classification in places we cover here: the criterion gets `[B, T, V]`
+logits against `[B, T]` targets (`LMCriterion` flattens them; EWC and A-GEM call it directly),
+and the default evaluator computes accuracy with `max(dim=1)` (so an own `EvaluationPlugin`
+is always passed in). The Avalanche plugins run unchanged on our data; what they do with LM
+logits was checked against their source (Avalanche 0.6.0):
+
+- EWC: squared gradients of the criterion per micro-batch (the empirical Fisher), model in eval
+  mode; the `batch[-1]` it reads as task label is the target tensor, ignored by a model that is
+  not a `MultiTaskModule`.
+- SI: path integral of gradient x update, read after every training iteration. Avalanche's
+  weight snapshots are views of the parameters on the CPU, which silently zeroes SI there;
+  `LMSynapticIntelligencePlugin` clones them (see its docstring). With gradient
+  accumulation the updates in between are zero and the step's update meets the whole
+  accumulated gradient, so it still integrates per optimizer step. It copies every parameter to
+  the CPU twice per iteration: slow for large expert tables.
+- MAS: |gradient| of `torch.norm(out, dim=1) ** 2` averaged over batches, which for `[B, T, V]`
+  logits is T / V times the per-token squared L2 norm of the logits (a constant that
+  `mas_lambda` absorbs); its importance pass runs the model in train mode, so BatchNorm
+  query-norm running statistics see the experience once more.
+- A-GEM: zeroes the gradients before every iteration to compute its reference gradient, which
+  is why it refuses `grad_accum > 1`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from collections import defaultdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from avalanche.training.supervised import Naive
+from avalanche.benchmarks.utils import AvalancheDataset, DataAttribute
+from avalanche.benchmarks.utils.data_loader import GroupBalancedInfiniteDataLoader
+from avalanche.benchmarks.utils.flat_data import ConstantSequence
+from avalanche.benchmarks.utils.utils import concat_datasets
+from avalanche.training.plugins import AGEMPlugin, EWCPlugin, MASPlugin, ReplayPlugin, SynapticIntelligencePlugin
+from avalanche.training.plugins.clock import Clock
+from avalanche.training.storage_policy import ExperienceBalancedBuffer, ReservoirSamplingBuffer
+from avalanche.training.templates import SupervisedTemplate
+from avalanche.training.templates.base import _experiences_parameter_as_iterable
+from avalanche.training.utils import ParamData
+from torch.utils.data import DataLoader, TensorDataset
 
-from experts import PEER, ProductKeys
-from lifelong.config import RunConfig
-from lifelong.plugins import GradClipPlugin, WarmupCosinePlugin
+from experts import PEER, MoE, ProductKeys, QueryNorm
+from lifelong.config import ConfigError, RunConfig
+from lifelong.plugins import (
+    CumulativePlugin,
+    GradClipPlugin,
+    LMDistillPlugin,
+    LMSynapticIntelligencePlugin,
+    WarmupCosinePlugin,
+    steps_per_experience,
+)
+
+STATE_FORMAT = 1
 
 
 class LMCriterion(nn.Module):
-    """Next-token cross-entropy (mean nats/token) plus, in training, the FFNs' auxiliary losses.
+    """Next-token cross-entropy in mean nats per token, computed in float32.
 
-    A module rather than a function because EWC, GEM and A-GEM call the
-    criterion directly. The auxiliary losses (MoE balance and z-loss) join only
-    in training mode so evaluation losses are pure NLL.
+    A module rather than a function because EWC, GEM and A-GEM call the criterion directly
+    (`strategy._criterion(out, y)`). It is pure NLL: the FFNs' auxiliary losses are added by
+    `LMTemplate.criterion` in training only, so evaluation losses, EWC's Fisher and A-GEM's
+    reference gradient are all about next-token prediction.
     """
 
-    def __init__(self, aux_loss: Callable[[], torch.Tensor] | None = None):
-        super().__init__()
-        self._aux_loss = aux_loss
-
     def forward(self, logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(logits_BTV.flatten(0, -2).float(), targets_BT.flatten())
-        if self.training and self._aux_loss is not None:
-            loss = loss + self._aux_loss()
+        return F.cross_entropy(logits_BTV.flatten(0, -2).float(), targets_BT.flatten())
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """"auto": bf16 on CUDA, fp32 elsewhere; "bf16" forces bf16 autocast on any device; "fp32": none."""
+    if precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda"):
+        return torch.bfloat16
+    if precision in ("auto", "fp32"):
+        return None
+    raise ConfigError(f"train.precision: {precision!r} is not one of auto, fp32, bf16")
+
+
+class LMTemplate(SupervisedTemplate):
+    """SupervisedTemplate for next-token prediction with gradient accumulation and bf16 autocast.
+
+    Gradient accumulation: the train loader yields micro-batches of `train_mb_size` blocks;
+    groups of `grad_accum` of them make one optimizer step. Every micro-batch still fires the
+    usual iteration callbacks (forward, backward, `strategy.loss` unscaled for logging); the
+    optimizer callbacks (`before_update` / `after_update`) fire once per group, after its last
+    micro-batch, and gradients are zeroed before its first. Each micro-batch's loss is scaled by
+    its share of the group's blocks before backward (1 / grad_accum for full groups), so the
+    step sees the mean gradient of the group, plugin penalties included once; the last, partial
+    group of an epoch is stepped too. `is_update_step` tells plugins whether the current
+    iteration ends with a step, `optimizer_steps` counts them.
+
+    Mixed precision: the forward pass (training, evaluation, distillation teacher) runs under
+    `autocast()` (see `autocast_dtype`); the criterion is float32. bf16 needs no loss scaling.
+
+    Joint training (`joint=True`): `train(stream)` trains once, as a single experience, on the
+    concatenation of every experience given (Avalanche's JointTraining; callbacks see the first
+    experience as `strategy.experience`).
+
+    The optimizer is never touched by Avalanche: `make_optimizer` keeps it as built. Avalanche's
+    `update_optimizer` would wipe its state on the first experience (a resumed run would lose
+    its Adam moments) and file parameters it did not know into group 0; growth keeps parameter
+    identity and does its own optimizer surgery (experts/growth.py).
+    """
+
+    def __init__(self, *, grad_accum: int = 1, precision: str = "fp32", joint: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        if grad_accum < 1:
+            raise ConfigError(f"train.grad_accum must be >= 1, got {grad_accum}")
+        self.grad_accum = grad_accum
+        self.precision_dtype = autocast_dtype(precision, self.device)
+        self.joint = joint
+        self.is_update_step = False
+        self.optimizer_steps = 0
+        self._loss_scale = 1.0
+        self._joint_datasets: list | None = None
+
+    # ---- mixed precision -------------------------------------------------------------------
+    def autocast(self):
+        if self.precision_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.precision_dtype)
+
+    def forward(self):
+        with self.autocast():
+            return self.model(self.mb_x)
+
+    def criterion(self):
+        loss = self._criterion(self.mb_output, self.mb_y)
+        aux_loss = getattr(self.model, "aux_loss", None)
+        if self.is_training and aux_loss is not None:
+            loss = loss + aux_loss()
         return loss
 
+    # ---- gradient accumulation -------------------------------------------------------------
+    def backward(self):
+        (self.loss * self._loss_scale).backward(retain_graph=self.retain_graph)
 
-def _decays(module: nn.Module, param: nn.Parameter) -> bool:
-    """Weight decay on matrices only; never on embeddings, PEER sub-keys or PEER expert tables."""
-    if param.dim() < 2 or isinstance(module, (nn.Embedding, ProductKeys)):
-        return False
-    return not (isinstance(module, PEER) and param.shape[0] == module.num_experts)
+    def training_epoch(self, **kwargs):
+        batches = iter(self.dataloader)
+        while not self._stop_training:
+            group = []
+            for mbatch in batches:
+                group.append(mbatch)
+                if len(group) == self.grad_accum:
+                    break
+            if not group:
+                return
+            blocks = sum(len(mbatch[0]) for mbatch in group)
+            for position, self.mbatch in enumerate(group):
+                self._unpack_minibatch()
+                self._before_training_iteration(**kwargs)
+                if position == 0:
+                    self.optimizer.zero_grad()
+                self.is_update_step = position == len(group) - 1
+                self._loss_scale = len(self.mb_x) / blocks
+                self.loss = self._make_empty_loss()
+
+                self._before_forward(**kwargs)
+                self.mb_output = self.forward()
+                self._after_forward(**kwargs)
+
+                self.loss += self.criterion()
+                self._before_backward(**kwargs)
+                self.backward()
+                self._after_backward(**kwargs)
+
+                if self.is_update_step:
+                    self._before_update(**kwargs)
+                    self.optimizer_step()
+                    self.optimizer_steps += 1
+                    self._after_update(**kwargs)
+                self._after_training_iteration(**kwargs)
+
+    # ---- optimizer: built once by build_optimizer, never reset -----------------------------
+    def make_optimizer(self, **kwargs):
+        optimized = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in self.model.named_parameters() if p.requires_grad and id(p) not in optimized]
+        if missing:
+            raise RuntimeError(f"trainable parameters missing from the optimizer: {', '.join(missing[:5])}"
+                               f"{' ...' if len(missing) > 5 else ''}; rebuild it with build_optimizer")
+
+    # ---- joint training --------------------------------------------------------------------
+    def train(self, experiences, eval_streams=None, **kwargs):
+        if not self.joint:
+            return super().train(experiences, eval_streams, **kwargs)
+        experiences = list(_experiences_parameter_as_iterable(experiences))
+        self._joint_datasets = [exp.dataset for exp in experiences]
+        try:
+            return super().train(experiences[:1], eval_streams if eval_streams is not None else [experiences[:1]],
+                                 **kwargs)
+        finally:
+            self._joint_datasets = None
+
+    def train_dataset_adaptation(self, **kwargs):
+        if self._joint_datasets is None:
+            return super().train_dataset_adaptation(**kwargs)
+        self.adapted_dataset = concat_datasets(self._joint_datasets).train()
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+_NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, QueryNorm,
+                     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
+def _group_name(module: nn.Module, name: str, param: nn.Parameter) -> str:
+    """ "experts" for PEER sub-keys and expert tables, "no_decay" for embeddings, norms and
+    biases (MoE's b1/b2 are 2-D biases), "decay" for every other matrix (MoE experts included)."""
+    if isinstance(module, ProductKeys) or (isinstance(module, PEER) and any(param is t for t in module.expert_tables())):
+        return "experts"
+    is_bias = name == "bias" or name.endswith("_bias") or (isinstance(module, MoE) and name in ("b1", "b2"))
+    if param.dim() < 2 or is_bias or isinstance(module, _NO_DECAY_MODULES):
+        return "no_decay"
+    return "decay"
+
+
+def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict]:
+    """AdamW parameter groups "decay", "no_decay" and "experts", in that order, every trainable
+    parameter in exactly one (a tied weight, LM head = token embedding, counted once).
+
+    Weight decay on matrices only (nanoGPT's rule). PEER sub-keys and expert tables get their
+    own group with lr * expert_lr_mult and no decay: AdamW's decoupled decay would shrink every
+    expert row each step, including the many rows a batch never retrieved. Each group records
+    its `base_lr` for the schedule.
+    """
+    t = cfg.train
+    groups = {"decay": [], "no_decay": [], "experts": []}
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            groups[_group_name(module, name, param)].append(param)
+    settings = {"decay": (t.lr, t.weight_decay), "no_decay": (t.lr, 0.0), "experts": (t.lr * t.expert_lr_mult, 0.0)}
+    return [{"name": name, "params": params, "lr": settings[name][0], "base_lr": settings[name][0],
+             "weight_decay": settings[name][1]} for name, params in groups.items()]
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (nanoGPT's rule).
-
-    Norm gains, biases, embeddings and PEER sub-keys are not decayed; nor are
-    PEER expert tables: AdamW's decoupled decay would shrink every expert row
-    each step, including the many rows a batch never retrieved.
-    """
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue  # a tied weight (LM head = token embedding) is optimised once
-            seen.add(id(param))
-            (decay if _decays(module, param) else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW over `param_groups` (all three always present, so checkpoints share one layout)."""
     # foreach=False keeps updates bit-reproducible and cheap on small CPU models.
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), foreach=False)
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr, betas=(0.9, 0.95), foreach=False)
 
 
-def build_strategy(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   evaluator, device: torch.device, plugins: list | None = None):
-    """The configured Avalanche strategy, with the LM criterion and our schedule/clipping plugins."""
-    plugins = list(plugins or [])
-    plugins.append(WarmupCosinePlugin(cfg.train.warmup_steps, cfg.train.min_lr_ratio))
-    if cfg.train.grad_clip > 0:
-        plugins.append(GradClipPlugin(cfg.train.grad_clip))
-    criterion = LMCriterion(aux_loss=model.aux_loss)
-    common = dict(model=model, optimizer=optimizer, criterion=criterion,
-                  train_mb_size=cfg.train.batch_size, train_epochs=cfg.train.epochs,
-                  eval_mb_size=cfg.train.eval_batch_size, device=device,
-                  plugins=plugins, evaluator=evaluator, eval_every=-1)
-    if cfg.strategy.name == "naive":
-        return Naive(**common)
-    raise ValueError(f"unknown strategy {cfg.strategy.name!r}")
+# ---------------------------------------------------------------------------------------------
+# Strategies
+
+
+def is_joint(cfg: RunConfig) -> bool:
+    """Joint training is trained once: call `strategy.train(bench.train_stream)` (not per experience)."""
+    return cfg.strategy.name == "joint"
+
+
+def replay_sizes(cfg: RunConfig) -> tuple[int, int]:
+    """(memory size in blocks, replayed blocks per micro-batch).
+
+    The memory holds buffer_tokens // block_len blocks. Each optimizer step replays
+    round(batch_ratio * batch_size) blocks, spread over its grad_accum micro-batches (at least
+    one per micro-batch), on top of the micro-batch's current-experience blocks.
+    """
+    r, t = cfg.strategy.replay, cfg.train
+    return r.buffer_tokens // cfg.stream.block_len, max(1, round(r.batch_ratio * t.batch_size / t.grad_accum))
+
+
+def check_strategy_config(cfg: RunConfig) -> None:
+    """Combinations that cannot work, as ConfigErrors."""
+    s, t = cfg.strategy, cfg.train
+    if s.name == "agem" and t.grad_accum > 1:
+        raise ConfigError("strategy.name=agem cannot use train.grad_accum > 1: A-GEM zeroes the gradients before "
+                          "every micro-batch to compute its reference gradient (set train.grad_accum=1 and "
+                          "lower train.batch_size instead)")
+    if s.name == "replay" and s.replay.buffer_tokens < cfg.stream.block_len:
+        raise ConfigError(f"strategy.replay.buffer_tokens ({s.replay.buffer_tokens}) holds no whole block of "
+                          f"stream.block_len={cfg.stream.block_len} tokens")
+    autocast_dtype(t.precision, torch.device("cpu"))
+
+
+def stream_steps(cfg: RunConfig, experience_lengths: list[int]) -> int:
+    """Optimizer steps over a whole stream whose train experiences hold these many blocks.
+
+    Cumulative trains experience i on the union of the first i + 1; joint trains once on the
+    union of all; every other strategy's loader length is set by the current experience alone
+    (replay included). This is the `total_steps` of a schedule with `train.rewarm=false`.
+    """
+    if is_joint(cfg):
+        return steps_per_experience(sum(experience_lengths), cfg)
+    if cfg.strategy.name == "cumulative":
+        return sum(steps_per_experience(sum(experience_lengths[:i + 1]), cfg) for i in range(len(experience_lengths)))
+    return sum(steps_per_experience(n, cfg) for n in experience_lengths)
+
+
+def _strategy_plugins(cfg: RunConfig) -> list:
+    s = cfg.strategy
+    if s.name == "replay":
+        mem_size, mem_batch = replay_sizes(cfg)
+        return [ReplayPlugin(mem_size=mem_size, batch_size_mem=mem_batch,
+                             storage_policy=ExperienceBalancedBuffer(max_size=mem_size, adaptive_size=True))]
+    if s.name == "ewc":
+        online = s.ewc_mode == "online"
+        return [EWCPlugin(s.ewc_lambda, mode=s.ewc_mode, decay_factor=s.ewc_decay if online else None)]
+    if s.name == "si":
+        return [LMSynapticIntelligencePlugin(si_lambda=s.si_lambda)]
+    if s.name == "mas":
+        return [MASPlugin(lambda_reg=s.mas_lambda)]
+    if s.name == "agem":
+        return [AGEMPlugin(patterns_per_experience=s.agem_patterns, sample_size=s.agem_sample_size)]
+    if s.name == "cumulative":
+        return [CumulativePlugin()]
+    if s.name == "distill":
+        return [LMDistillPlugin(weight=s.distill.weight, temperature=s.distill.temperature)]
+    if s.name in ("naive", "joint"):
+        return []
+    raise ConfigError(f"strategy.name: unknown strategy {s.name!r}")
+
+
+def build_strategy(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, evaluator,
+                   device: torch.device, plugins: list | None = None, total_steps: int | None = None) -> LMTemplate:
+    """The configured strategy: an `LMTemplate` with the strategy's plugins, the LR schedule and
+    gradient clipping, the LM criterion and our evaluator (`eval_every=-1`: the caller evaluates).
+
+    The train loader's micro-batch is batch_size // grad_accum blocks. With `train.rewarm=false`
+    the schedule spans the whole stream: pass `total_steps` (see `stream_steps`) or leave it None
+    to have it computed from the first experience's `origin_stream`. For joint training call
+    `strategy.train(bench.train_stream)` once (`is_joint`).
+    """
+    check_strategy_config(cfg)
+    t = cfg.train
+    schedule_total = None
+    if not t.rewarm:
+        schedule_total = total_steps if total_steps is not None else (
+            lambda strategy: stream_steps(cfg, [len(exp.dataset) for exp in strategy.experience.origin_stream]))
+    plugins = list(plugins or []) + _strategy_plugins(cfg)
+    plugins.append(WarmupCosinePlugin(t.warmup_steps, t.min_lr_ratio, total_steps=schedule_total))
+    if t.grad_clip > 0:
+        plugins.append(GradClipPlugin(t.grad_clip))
+    return LMTemplate(model=model, optimizer=optimizer, criterion=LMCriterion(),
+                      train_mb_size=t.batch_size // t.grad_accum, train_epochs=t.epochs,
+                      eval_mb_size=t.eval_batch_size, device=device, plugins=plugins, evaluator=evaluator,
+                      eval_every=-1, grad_accum=t.grad_accum, precision=t.precision, joint=is_joint(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategy state for checkpoints
+#
+# What a strategy carries across experiences beyond model and optimizer, as plain data
+# (tensors, numbers, strings, lists, dicts) for torch.save / torch.load(weights_only=True).
+# Memories (replay buffer, A-GEM buffers) are saved as their token blocks, so a restored run
+# replays exactly the same blocks without depending on how Avalanche nested its subsets;
+# regularizer state (EWC, SI, MAS) as CPU tensors keyed by parameter name; the clock because
+# EWC, SI and MAS read `clock.train_exp_counter`; our own plugins through their
+# `state_dict(strategy)` / `load_state_dict(strategy, state)` methods.
+
+
+def _blocks(dataset) -> dict:
+    """A dataset of (input_ids[T], target_ids[T]) blocks as two [N, T] tensors, in order."""
+    inputs, targets = [], []
+    for x, y, *_ in DataLoader(dataset, batch_size=256, shuffle=False, collate_fn=getattr(dataset, "collate_fn", None)):
+        inputs.append(x)
+        targets.append(y)
+    if not inputs:
+        return {"inputs": torch.zeros(0, 0, dtype=torch.int64), "targets": torch.zeros(0, 0, dtype=torch.int64)}
+    return {"inputs": torch.cat(inputs).cpu(), "targets": torch.cat(targets).cpu()}
+
+
+def _blocks_dataset(blocks: dict) -> AvalancheDataset:
+    """Saved blocks as an AvalancheDataset shaped like the benchmark's (items (x, y), task label 0 attribute)."""
+    inputs, targets = blocks["inputs"], blocks["targets"]
+    return AvalancheDataset([TensorDataset(inputs, targets)],
+                            data_attributes=[DataAttribute(ConstantSequence(0, len(inputs)), "targets_task_labels")])
+
+
+def _tensors(params: dict | None) -> dict | None:
+    return None if params is None else {name: pd.data.detach().cpu().clone() for name, pd in params.items()}
+
+
+def _param_data(tensors: dict | None, device) -> dict | None:
+    if tensors is None:
+        return None
+    return {name: ParamData(name, init_tensor=t.to(device), device=device) for name, t in tensors.items()}
+
+
+_CLOCK_COUNTERS = ("train_iterations", "train_exp_counter", "train_exp_epochs", "train_exp_iterations",
+                   "train_epoch_iterations", "total_iterations")
+
+
+def _clock_state(clock: Clock) -> dict:
+    return {key: int(getattr(clock, key)) for key in _CLOCK_COUNTERS}
+
+
+def _save_replay(plugin: ReplayPlugin) -> dict:
+    policy = plugin.storage_policy
+    if not isinstance(policy, ExperienceBalancedBuffer):
+        raise TypeError(f"cannot checkpoint a {type(policy).__name__} replay buffer")
+    groups = [{"key": int(key), "max_size": group.max_size, "weights": group._buffer_weights.clone(),
+               **_blocks(group.buffer)} for key, group in policy.buffer_groups.items()]
+    return {"num_exps": policy._num_exps, "max_size": policy.max_size, "groups": groups}
+
+
+def _load_replay(plugin: ReplayPlugin, state: dict, strategy) -> None:
+    policy = plugin.storage_policy
+    policy._num_exps, policy.max_size = int(state["num_exps"]), int(state["max_size"])
+    policy.buffer_groups = {}
+    for saved in state["groups"]:
+        group = ReservoirSamplingBuffer(int(saved["max_size"]))
+        group.buffer = _blocks_dataset(saved)
+        group._buffer_weights = saved["weights"].clone()
+        policy.buffer_groups[int(saved["key"])] = group
+
+
+def _save_ewc(plugin: EWCPlugin) -> dict:
+    return {"saved_params": {int(e): _tensors(p) for e, p in plugin.saved_params.items()},
+            "importances": {int(e): _tensors(p) for e, p in plugin.importances.items()}}
+
+
+def _load_ewc(plugin: EWCPlugin, state: dict, strategy) -> None:
+    plugin.saved_params = defaultdict(dict, {int(e): _param_data(p, strategy.device)
+                                             for e, p in state["saved_params"].items()})
+    plugin.importances = defaultdict(dict, {int(e): _param_data(p, strategy.device)
+                                            for e, p in state["importances"].items()})
+
+
+def _save_si(plugin: SynapticIntelligencePlugin) -> dict:
+    # Only what outlives an experience boundary: the anchor weights, the importances and the
+    # accumulated path integral. The per-iteration buffers (old/new weights, gradient,
+    # trajectory) are overwritten or zeroed before their next use.
+    return {"ewc_data": [_tensors(plugin.ewc_data[0]), _tensors(plugin.ewc_data[1])],
+            "cum_trajectory": _tensors(plugin.syn_data["cum_trajectory"])}
+
+
+def _load_si(plugin: SynapticIntelligencePlugin, state: dict, strategy) -> None:
+    # SI keeps its data on the CPU whatever the strategy's device.
+    plugin.ewc_data = (_param_data(state["ewc_data"][0], "cpu"), _param_data(state["ewc_data"][1], "cpu"))
+    cum = state["cum_trajectory"]
+    plugin.syn_data = {key: _param_data({n: torch.zeros_like(t) for n, t in cum.items()}, "cpu")
+                       for key in ("old_theta", "new_theta", "grad", "trajectory")}
+    plugin.syn_data["cum_trajectory"] = _param_data(cum, "cpu")
+
+
+def _save_mas(plugin: MASPlugin) -> dict:
+    return {"params": _tensors(plugin.params), "importance": _tensors(plugin.importance)}
+
+
+def _load_mas(plugin: MASPlugin, state: dict, strategy) -> None:
+    plugin.params = _param_data(state["params"], strategy.device)
+    plugin.importance = _param_data(state["importance"], strategy.device)
+
+
+def _save_agem(plugin: AGEMPlugin) -> dict:
+    return {"buffers": [_blocks(buffer) for buffer in plugin.buffers]}
+
+
+def _load_agem(plugin: AGEMPlugin, state: dict, strategy) -> None:
+    # Rebuilt as AGEMPlugin.update_memory leaves it: a fresh, not yet started memory iterator.
+    plugin.buffers = [_blocks_dataset(b) for b in state["buffers"]]
+    if plugin.buffers:
+        plugin.buffer_dataloader = GroupBalancedInfiniteDataLoader(
+            plugin.buffers, batch_size=plugin.sample_size // len(plugin.buffers), num_workers=0,
+            pin_memory=False, persistent_workers=False)
+        plugin.buffer_dliter = iter(plugin.buffer_dataloader)
+
+
+def _load_clock(clock: Clock, state: dict, strategy) -> None:
+    for key in _CLOCK_COUNTERS:
+        setattr(clock, key, int(state[key]))
+
+
+_AVALANCHE_STATE = {
+    Clock: (_clock_state, _load_clock),
+    ReplayPlugin: (_save_replay, _load_replay),
+    EWCPlugin: (_save_ewc, _load_ewc),
+    SynapticIntelligencePlugin: (_save_si, _load_si),
+    MASPlugin: (_save_mas, _load_mas),
+    AGEMPlugin: (_save_agem, _load_agem),
+}
+
+
+def _avalanche_handler(plugin):
+    return next((handler for cls, handler in _AVALANCHE_STATE.items() if isinstance(plugin, cls)), None)
+
+
+def _stateful_plugins(strategy) -> dict[str, object]:
+    """Plugins with state, keyed by class name (two stateful plugins of one class are refused)."""
+    out: dict[str, object] = {}
+    for plugin in strategy.plugins:
+        if _avalanche_handler(plugin) or callable(getattr(plugin, "state_dict", None)):
+            key = type(plugin).__name__
+            if key in out:
+                raise ValueError(f"two {key} plugins: their checkpoint state would collide")
+            out[key] = plugin
+    return out
+
+
+def _check_plain(value, where: str) -> None:
+    """Fail at save time, with the path, on anything torch.load(weights_only=True) would refuse."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where}: key {key!r} is not a str or int")
+            _check_plain(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (torch.Tensor, bool, int, float, str))):
+        raise TypeError(f"{where}: {type(value).__name__} cannot go into a weights-only checkpoint")
+
+
+def strategy_state_dict(strategy: LMTemplate) -> dict:
+    """Everything `strategy` carries across experiences beyond the model and optimizer state.
+
+    Call at an experience boundary (after `train(exp)`). The result holds only tensors (on the
+    CPU), numbers, strings, lists and dicts: save it with torch.save, load it with
+    torch.load(weights_only=True). It does not include RNG states: restore those separately.
+    """
+    plugins = {}
+    for key, plugin in _stateful_plugins(strategy).items():
+        handler = _avalanche_handler(plugin)
+        plugins[key] = handler[0](plugin) if handler else plugin.state_dict(strategy)
+    state = {"format": STATE_FORMAT, "optimizer_steps": strategy.optimizer_steps, "plugins": plugins}
+    _check_plain(state, "strategy_state")
+    return state
+
+
+def load_strategy_state(strategy: LMTemplate, state: dict) -> None:
+    """Restore `strategy_state_dict` into a freshly built strategy of the same configuration.
+
+    Load the model's weights first (a distillation teacher equal to the model at the boundary
+    is rebuilt from it) and call this before the next `train`.
+    """
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"strategy state format {state.get('format')!r} is not {STATE_FORMAT}")
+    plugins = _stateful_plugins(strategy)
+    saved = state["plugins"]
+    if set(plugins) != set(saved):
+        raise ValueError(f"strategy state is for plugins {sorted(saved)}, this strategy has {sorted(plugins)}")
+    for key, plugin in plugins.items():
+        handler = _avalanche_handler(plugin)
+        if handler:
+            handler[1](plugin, saved[key], strategy)
+        else:
+            plugin.load_state_dict(strategy, saved[key])
+    strategy.optimizer_steps = int(state["optimizer_steps"])
