@@ -1,4 +1,4 @@
-"""`lifelong run | flops`: the command line.
+"""`lifelong run | grow | flops`: the command line.
 
 Mistakes in what the user gave (config keys and values, presets, paths, data)
 end with one line on stderr naming the problem and exit status 2; nothing
@@ -8,15 +8,16 @@ already written in a run directory is touched before the input is validated.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from lifelong.config import ConfigError, RunConfig, available_presets, resolve
+from lifelong.config import ConfigError, available_presets, resolve
 
 EXIT_USAGE = 2
-RUN_FILES = ("config.yaml", "results.json", "metrics.csv", "bpb_matrix.png", "tb")
+RUN_FILES = ("config.yaml", "results.json", "run_info.json", "seeds.json", "metrics.csv", "bpb_matrix.png", "tb", "checkpoints", "snapshots")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="builtin",
+    parser.add_argument("--preset", default=None,
                         help=f"base configuration (default: builtin; one of {', '.join(available_presets())})")
     parser.add_argument("--config", metavar="FILE", help="YAML file layered on top of the preset")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
@@ -40,7 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(run)
     run.add_argument("--out", metavar="DIR", help="run directory (default: runs/PRESET-TIMESTAMP)")
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    run.add_argument("--seeds", metavar="S1,S2,...", help="one run per seed (in DIR/seed-S) and an aggregate "
+                     "results.json with mean and standard deviation of every summary figure")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue an interrupted run from its newest complete checkpoint (its saved config)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    grow = sub.add_parser("grow", help="add experts to a saved checkpoint; continue it with run --resume")
+    grow.add_argument("path", metavar="RUN_DIR|CHECKPOINT", help="a run directory (its newest checkpoint) "
+                      "or one checkpoint folder")
+    grow.add_argument("--experts", type=int, required=True, metavar="N",
+                      help="experts added to each expert layer (PEER rounds up to whole grid rows)")
+    grow.add_argument("--warmup-steps", type=int, default=100, metavar="W",
+                      help="optimizer steps over which the new keys wake up (default 100)")
+    grow.add_argument("--init", choices=("random", "copy", "kmeans"), default="kmeans",
+                      help="placement of new PEER sub-keys (default kmeans: centres of the next domain's queries)")
+    grow.add_argument("--layer", action="append", metavar="NAME", help="only this layer, e.g. blocks.2.ffn")
 
     flops = sub.add_parser("flops", help="FLOPs and parameters per token of a configured model")
     _config_args(flops)
@@ -52,6 +68,7 @@ def _prepare_out_dir(out: str | None, preset: str, overwrite: bool) -> Path:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} exists and is not a directory")
     existing = [name for name in RUN_FILES if (path / name).exists()]
+    existing += sorted(p.name for p in path.glob("seed-*") if (p / "config.yaml").is_file())
     if existing and not overwrite:
         raise ConfigError(f"--out {path} already holds a run ({', '.join(existing)}); "
                           "choose another directory or pass --overwrite")
@@ -61,30 +78,69 @@ def _prepare_out_dir(out: str | None, preset: str, overwrite: bool) -> Path:
     return path
 
 
-def cmd_run(args, cfg: RunConfig) -> int:
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected integers separated by commas, e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: expected distinct integers, e.g. --seeds 0,1,2")
+    return seeds
+
+
+def cmd_run(args) -> int:
     from lifelong import experiment, results
 
-    out = _prepare_out_dir(args.out, args.preset, args.overwrite)
-    print(f"run directory: {out}")
-    res = experiment.run(cfg, out, progress=False if args.no_progress else None)
+    progress = False if args.no_progress else None
+    if args.resume:
+        given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config),
+                                          ("--set", args.overrides), ("--out", args.out),
+                                          ("--seeds", args.seeds)) if value]
+        if given:
+            raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+        out = Path(args.resume)
+        print(f"run directory: {out}")
+        seeds_file = out / experiment.SEEDS_FILE
+        if seeds_file.is_file():
+            cfg = experiment.read_run_config(out)
+            seeds = json.loads(seeds_file.read_text())["seeds"]
+            res = experiment.run_seeds(cfg, seeds, out, progress=progress, resuming=True)
+        else:
+            res = experiment.resume(out, progress=progress)
+    else:
+        cfg = resolve(args.preset or "builtin", args.config, args.overrides)
+        seeds = _parse_seeds(args.seeds) if args.seeds else None
+        out = _prepare_out_dir(args.out, args.preset or "builtin", args.overwrite)
+        print(f"run directory: {out}")
+        if seeds:
+            res = experiment.run_seeds(cfg, seeds, out, progress=progress)
+        else:
+            res = experiment.run(cfg, out, progress=progress)
     print()
     print(results.format_table(res))
-    print(f"\nwall time {res['wall_time_s']:.0f} s (evaluation {res['eval_time_s']:.0f} s); "
+    info = res["run_info"]
+    print(f"\nwall time {info['wall_time_s']:.0f} s (evaluation {info['eval_time_s']:.0f} s); "
           f"results in {out / results.RESULTS_FILE}")
     return 0
 
 
-def cmd_flops(args, cfg: RunConfig) -> int:
-    from lifelong.model import LanguageModel
+def cmd_grow(args) -> int:
+    from lifelong import experiment
 
-    vocab = 256 if cfg.stream.tokenizer == "byte" else None
-    if vocab is None:
-        from scenarios import load_tokenizer
-        vocab = load_tokenizer(cfg.stream.tokenizer).vocab_size
-    try:
-        model = LanguageModel(cfg.model, vocab_size=vocab, context=cfg.stream.block_len)
-    except ValueError as err:
-        raise ConfigError(f"model: {err}") from None
+    if args.experts < 1 or args.warmup_steps < 0:
+        raise ConfigError("--experts must be >= 1 and --warmup-steps >= 0")
+    new = experiment.grow_checkpoint(args.path, args.experts, args.warmup_steps, args.init, args.layer)
+    print(f"wrote {new}; continue with: lifelong run --resume {new.parent.parent}")
+    return 0
+
+
+def cmd_flops(args) -> int:
+    from lifelong.experiment import build_model
+    from scenarios import get_tokenizer
+
+    cfg = resolve(args.preset or "builtin", args.config, args.overrides)
+    vocab = get_tokenizer(cfg.stream.tokenizer).vocab_size
+    model = build_model(cfg, vocab)
     flops = model.flops_per_token()
     width = max(len(k) for k in flops) + 2
     print(f"forward FLOPs per token (multiply-add = 2), context {cfg.stream.block_len}, vocab {vocab}")
@@ -102,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from scenarios import StreamError
 
+    from lifelong.checkpoint import CheckpointError
+
     try:
-        cfg = resolve(args.preset, args.config, args.overrides)
-        handler = {"run": cmd_run, "flops": cmd_flops}[args.command]
-        return handler(args, cfg)
-    except (ConfigError, StreamError) as err:
+        handler = {"run": cmd_run, "grow": cmd_grow, "flops": cmd_flops}[args.command]
+        return handler(args)
+    except (ConfigError, StreamError, CheckpointError) as err:
         print(f"lifelong: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

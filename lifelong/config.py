@@ -188,38 +188,180 @@ class TrainConfig:
     """Optimisation of each experience."""
 
     batch_size: int = 32
-    """Blocks per optimizer step."""
+    """Blocks per optimizer step (split into `grad_accum` micro-batches)."""
+    grad_accum: int = 1
+    """Micro-batches whose gradients are summed before each optimizer step."""
     epochs: int = 1
     """Passes over each experience's train split."""
     lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    expert_lr_mult: float = 1.0
+    """Learning-rate multiplier of PEER sub-keys and expert tables (their own parameter group)."""
     weight_decay: float = 0.1
+    """On matrices only; never on embeddings, norms, biases, PEER sub-keys or expert tables."""
     warmup_steps: int = 50
-    """Linear warmup at the start of every experience, then cosine decay to min_lr_ratio * lr."""
+    """Linear warmup at the start of every experience (or of the stream, see `rewarm`)."""
     min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of lr."""
+    rewarm: bool = True
+    """Warm up and decay again in every experience (continual pre-training); false = one schedule over the stream."""
     grad_clip: float = 1.0
     """Max global gradient norm (0 disables clipping)."""
+    precision: str = "auto"
+    """"auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"."""
     eval_batch_size: int = 64
     device: str = "auto"
     """"auto" (CUDA when available), "cpu" or "cuda"."""
 
     def __post_init__(self) -> None:
-        _check_positive("train", batch_size=self.batch_size, epochs=self.epochs, lr=self.lr,
-                        eval_batch_size=self.eval_batch_size)
+        _check_positive("train", batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
+                        lr=self.lr, expert_lr_mult=self.expert_lr_mult, eval_batch_size=self.eval_batch_size)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum "
+                              f"({self.grad_accum})")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        _check_choice("train", "precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train", "device", self.device, ("auto", "cpu", "cuda"))
 
 
 @dataclass
-class StrategyConfig:
-    """The Avalanche continual-learning strategy."""
+class ReplayConfig:
+    """Experience replay from a class-free reservoir of past blocks."""
 
-    name: str = "naive"
+    buffer_tokens: int = 65_536
+    """Memory size in tokens (rounded down to whole blocks)."""
+    batch_ratio: float = 0.5
+    """Replayed blocks per minibatch, as a fraction of train.batch_size."""
 
     def __post_init__(self) -> None:
-        _check_choice("strategy", "name", self.name, ("naive",))
+        _check_positive("strategy.replay", buffer_tokens=self.buffer_tokens, batch_ratio=self.batch_ratio)
+
+
+@dataclass
+class DistillConfig:
+    """Token-level distillation from the model frozen at the end of the previous experience (LwF for LMs)."""
+
+    weight: float = 1.0
+    """Weight of the KL term added to the next-token loss."""
+    temperature: float = 2.0
+    """Softmax temperature of both distributions; the KL is scaled by temperature^2."""
+
+    def __post_init__(self) -> None:
+        _check_positive("strategy.distill", temperature=self.temperature)
+        if self.weight < 0:
+            raise ConfigError(f"strategy.distill.weight must be >= 0, got {self.weight!r}")
+
+
+PER_PARAMETER_STRATEGIES = ("ewc", "si", "mas")
+STRATEGIES = ("naive", "replay", "ewc", "si", "mas", "agem", "cumulative", "joint", "distill")
+
+
+@dataclass
+class StrategyConfig:
+    """The Avalanche continual-learning strategy and its settings."""
+
+    name: str = "naive"
+    """One of naive, replay, ewc, si, mas, agem, cumulative, joint (the upper bound), distill."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    ewc_lambda: float = 100.0
+    """EWC penalty weight."""
+    ewc_mode: str = "separate"
+    """EWC: "separate" (one penalty per past experience) or "online" (one decayed running penalty)."""
+    ewc_decay: float = 0.9
+    """EWC: decay of the online importance (mode "online")."""
+    si_lambda: float = 1.0
+    """Synaptic Intelligence penalty weight."""
+    mas_lambda: float = 1.0
+    """Memory Aware Synapses penalty weight."""
+    agem_patterns: int = 256
+    """A-GEM: blocks stored per experience."""
+    agem_sample_size: int = 64
+    """A-GEM: blocks sampled from memory to compute the reference gradient."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("strategy", "name", self.name, STRATEGIES)
+        _check_positive("strategy", agem_patterns=self.agem_patterns, agem_sample_size=self.agem_sample_size)
+        _check_choice("strategy", "ewc_mode", self.ewc_mode, ("separate", "online"))
+        if min(self.ewc_lambda, self.si_lambda, self.mas_lambda) < 0:
+            raise ConfigError("strategy.ewc_lambda, strategy.si_lambda and strategy.mas_lambda must be >= 0")
+        if not 0 <= self.ewc_decay <= 1:
+            raise ConfigError(f"strategy.ewc_decay must be in [0, 1], got {self.ewc_decay!r}")
+
+
+@dataclass
+class GrowthConfig:
+    """When and how the PEER / MoE expert pools grow during training (DESIGN.md section 5)."""
+
+    schedule: str = "none"
+    """"none", "boundary" (before every experience after the first), "steps" (every `every_steps`
+    optimizer steps) or "trigger" (when `trigger` fires, checked every `check_every` steps)."""
+    experts: int = 1024
+    """Experts added per growth and layer (PEER rounds up to whole rows of the product-key grid)."""
+    warmup_steps: int = 100
+    """Optimizer steps over which new keys' dormant score offset anneals to 0."""
+    init: str = "kmeans"
+    """New PEER sub-keys: "random", "copy" (of the most-used keys, with noise) or "kmeans"
+    (centres of the current data's first-half queries, so new experts attract the new domain)."""
+    every_steps: int = 500
+    """Growth period for schedule "steps"."""
+    trigger: str = "usage"
+    """For schedule "trigger": "usage" (the layer's expert usage on recent training tokens exceeds
+    `usage_threshold`) or "plateau" (training loss improved by less than `plateau_tolerance`
+    (relative) over the last `plateau_window` steps)."""
+    check_every: int = 50
+    usage_threshold: float = 0.9
+    plateau_window: int = 100
+    plateau_tolerance: float = 0.01
+    max_growths: int = 0
+    """Stop growing after this many growths per layer (0 = no limit)."""
+    freeze: str = "none"
+    """"none", "existing" (after each growth, freeze every expert that existed before it) or
+    "top_used" (at the end of each experience, freeze the experts that domain used most)."""
+    freeze_fraction: float = 0.1
+    """Share of the pool frozen per finished domain under freeze "top_used"."""
+
+    def __post_init__(self) -> None:
+        _check_choice("growth", "schedule", self.schedule, ("none", "boundary", "steps", "trigger"))
+        _check_choice("growth", "init", self.init, ("random", "copy", "kmeans"))
+        _check_choice("growth", "trigger", self.trigger, ("usage", "plateau"))
+        _check_choice("growth", "freeze", self.freeze, ("none", "existing", "top_used"))
+        _check_positive("growth", experts=self.experts, every_steps=self.every_steps,
+                        check_every=self.check_every, plateau_window=self.plateau_window)
+        if self.warmup_steps < 0 or self.max_growths < 0:
+            raise ConfigError("growth.warmup_steps and growth.max_growths must be >= 0")
+        if not 0 < self.usage_threshold <= 1 or not 0 < self.freeze_fraction <= 1:
+            raise ConfigError("growth.usage_threshold and growth.freeze_fraction must be in (0, 1]")
+        if self.freeze == "existing" and self.schedule == "none":
+            raise ConfigError("growth.freeze 'existing' freezes what existed before a growth: "
+                              "set growth.schedule too")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation beyond the stage x domain matrix."""
+
+    curve_every: int = 25
+    """Every this many optimizer steps, log each domain's loss on a few fixed test blocks
+    (`Curve/test_stream/DOMAIN` in metrics.csv): learning curves across the stream. 0 = off."""
+
+    def __post_init__(self) -> None:
+        if self.curve_every < 0:
+            raise ConfigError(f"eval.curve_every must be >= 0, got {self.curve_every!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Crash-safe checkpoints, written after every stage (before training and after each experience)."""
+
+    keep: int = 1
+    """Complete checkpoints kept on disk (the newest ones)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("checkpoint", keep=self.keep)
 
 
 @dataclass
@@ -231,6 +373,17 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        growing = self.growth.schedule != "none" or self.growth.freeze != "none"
+        if growing and self.model.ffn == "dense":
+            raise ConfigError("growth needs PEER or MoE layers, but model.ffn is 'dense'")
+        if self.growth.schedule != "none" and self.strategy.name in PER_PARAMETER_STRATEGIES:
+            raise ConfigError(f"growth.schedule with strategy.name {self.strategy.name!r} is not supported: its "
+                              "per-parameter importances do not follow a growing expert table")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

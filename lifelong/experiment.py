@@ -3,32 +3,43 @@
 Stage 0 evaluates every domain's test split before any training; after each
 training experience the whole test stream is evaluated again. The rows of
 per-domain losses form the stage x domain matrix of `results.json`.
+
+After every stage the run writes a checkpoint (model, optimizer, strategy
+state, RNG states, the matrix so far), so `resume` can continue in a fresh
+process and end with exactly the results of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import platform
 import random
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from avalanche.logging import TensorboardLogger
 from avalanche.training.plugins import EvaluationPlugin
 
+import experts
+from lifelong import checkpoint, snapshots
 from lifelong import results as results_io
-from lifelong.config import ConfigError, RunConfig, dump_yaml
+from lifelong.config import ConfigError, RunConfig, dump_yaml, from_dict
+from lifelong.growth import BOUNDARY_BLOCKS, GrowthPlugin, grow_layer, layer_inputs
 from lifelong.loggers import CSVMetricLogger, ProgressPlugin
-from lifelong.metrics import DomainLossMetric, TrainLossMetric
+from lifelong.metrics import DomainLossMetric, ExpertUsageMetric, TrainLossMetric
 from lifelong.model import LanguageModel
 from lifelong.plots import save_matrix_heatmap
-from lifelong.strategies import build_optimizer, build_strategy
+from lifelong.strategies import build_optimizer, build_strategy, load_strategy_state, strategy_state_dict
 from scenarios import DomainSpec, build_benchmark
 
 CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.csv"
 
 
 def seed_everything(seed: int) -> None:
@@ -56,14 +67,208 @@ def load_stream(cfg: RunConfig):
                            tokenizer=s.tokenizer, cache_dir=cache_dir)
 
 
+def build_model(cfg: RunConfig, vocab_size: int) -> LanguageModel:
+    try:
+        return LanguageModel(cfg.model, vocab_size=vocab_size, context=cfg.stream.block_len)
+    except ValueError as err:  # the experts' own argument checks
+        raise ConfigError(f"model: {err}") from None
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config saved in a run directory; ConfigError if `run_dir` is not a run."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise ConfigError(f"{path} is not valid YAML") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} does not hold a run configuration")
+    return from_dict(values)
+
+
 def _aux_metrics(model: LanguageModel):
     def collect() -> dict[str, float]:
-        out = {}
-        for name, ffn in model.expert_layers().items():
-            for key, value in ffn.aux_metrics().items():
-                out[f"{name}/{key}"] = value
-        return out
+        return {f"{name}/{key}": value for name, ffn in model.expert_layers().items()
+                for key, value in ffn.aux_metrics().items()}
     return collect
+
+
+@dataclass
+class Progress:
+    """What a run has done so far; saved in every checkpoint."""
+
+    next_experience: int = 0
+    stages: list[str] = field(default_factory=list)
+    loss_rows: list[list[float]] = field(default_factory=list)
+    bpb_rows: list[list[float]] = field(default_factory=list)
+    num_experts: list[int] = field(default_factory=list)
+    expert_stats: list[dict] = field(default_factory=list)
+    eval_seconds: float = 0.0
+    elapsed_seconds: float = 0.0
+
+    def as_state(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Run:
+    """The objects of one run, built from its config, with save/restore of everything that evolves."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path, progress_bars: bool | None, echo):
+        self.cfg, self.out_dir, self.echo = cfg, out_dir, echo
+        self.started = time.perf_counter()
+        seed_everything(cfg.seed)
+        self.device = resolve_device(cfg.train.device)
+        self.bench = load_stream(cfg)
+        self.domains = self.bench.domains
+        self.model = build_model(cfg, self.bench.vocab_size)
+        self.optimizer = build_optimizer(self.model, cfg)
+        # Warm-in of grown keys and the frozen-expert guard run as hooks on this optimizer.
+        if self.model.expert_layers():
+            experts.attach(self.model, self.optimizer)
+        self.progress = Progress()
+        self.manual_growth: list[dict] = []  # growth events of `lifelong grow` on a checkpoint
+        self.csv_logger = CSVMetricLogger(out_dir / METRICS_FILE)
+        self.tb_logger = TensorboardLogger(tb_log_dir=out_dir / "tb")
+        self.domain_loss = DomainLossMetric(self.domains, [i["bytes_per_token"] for i in self.bench.domain_info],
+                                            on_stage=self._record_stage)
+        self.train_loss = TrainLossMetric(every=10, aux_metrics=_aux_metrics(self.model))
+        self.expert_usage = ExpertUsageMetric(self.model.expert_layers, self.domains, on_stage=self._record_usage)
+        evaluator = EvaluationPlugin(self.domain_loss, self.train_loss, self.expert_usage,
+                                     loggers=[self.csv_logger, self.tb_logger])
+        plugins = [ProgressPlugin(self.domains, enabled=progress_bars)]
+        self.probes = snapshots.probe_blocks(self.bench.test_stream)
+        self._stage_usage: dict = {}
+        if cfg.eval.curve_every:
+            plugins.append(snapshots.CurvePlugin(self.model, self.probes, cfg.eval.curve_every,
+                                                 loggers=[self.csv_logger, self.tb_logger]))
+        self.growth = None
+        if cfg.growth.schedule != "none" or cfg.growth.freeze != "none":
+            self.growth = GrowthPlugin(cfg.growth, self.model, echo=echo)
+            plugins.append(self.growth)
+        self.strategy = build_strategy(cfg, self.model, self.optimizer, evaluator, self.device, plugins=plugins)
+
+    def _record_stage(self, nats: list[float], bpb: list[float]) -> None:
+        self.progress.loss_rows.append(nats)
+        self.progress.bpb_rows.append(bpb)
+
+    def _record_usage(self, stats: dict, counts: dict) -> None:
+        """Usage summary into the results; the raw per-head counts go into the stage snapshot."""
+        self.progress.expert_stats.append(stats)
+        self._stage_usage = counts
+
+    # -- checkpoints ---------------------------------------------------------
+
+    def save(self) -> None:
+        self.progress.elapsed_seconds += time.perf_counter() - self.started
+        self.started = time.perf_counter()
+        state = {
+            "config": self.cfg.to_dict(),
+            "progress": self.progress.as_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "strategy": strategy_state_dict(self.strategy),
+            "metric_counters": {"stage": self.domain_loss.stage, "train_step": self.train_loss.step,
+                                "usage_stage": self.expert_usage.stage},
+            "metrics_csv_bytes": self.csv_logger.tell(),
+            "manual_growth_events": self.manual_growth,
+            "rng": checkpoint.rng_state(),
+        }
+        checkpoint.save(self.out_dir, self.model, state, keep=self.cfg.checkpoint.keep)
+
+    def restore(self, path: Path) -> None:
+        state = checkpoint.load_state(path)
+        if state.get("config") != self.cfg.to_dict():
+            raise checkpoint.CheckpointError(f"checkpoint {path} was written by a different configuration "
+                                             f"than {self.out_dir / CONFIG_FILE}")
+        checkpoint.load_weights(path, self.model)
+        self.model.to(self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        load_strategy_state(self.strategy, state["strategy"])
+        self.progress = Progress(**state["progress"])
+        self.manual_growth = list(state["manual_growth_events"])
+        self.domain_loss.stage = state["metric_counters"]["stage"]
+        self.train_loss.step = state["metric_counters"]["train_step"]
+        self.expert_usage.stage = state["metric_counters"]["usage_stage"]
+        self.csv_logger.truncate(state["metrics_csv_bytes"])  # drop rows logged after the checkpoint
+        checkpoint.set_rng_state(state["rng"])
+
+    # -- the loop -------------------------------------------------------------
+
+    def _evaluate(self, stage: str) -> None:
+        t0 = time.perf_counter()
+        self.strategy.eval(self.bench.test_stream)
+        self.progress.eval_seconds += time.perf_counter() - t0
+        self.progress.stages.append(stage)
+        self.progress.num_experts.append(self.model.num_experts())
+        tensors = snapshots.stage_tensors(self.model, self.probes, self._stage_usage)
+        snapshots.write(self.out_dir, len(self.progress.stages) - 1, tensors)
+        self._stage_usage = {}
+
+    def execute(self) -> dict:
+        p = self.progress
+        if not p.stages:
+            self._evaluate("init")
+            self.echo(f"{'init':>16}: mean test loss {np.mean(p.bpb_rows[-1]):.3f} bpb")
+            self.save()
+        experiences = list(self.bench.train_stream)
+        if self.cfg.strategy.name == "joint":
+            # The upper bound: one model trained on the union of every domain, evaluated once.
+            if p.next_experience == 0:
+                self.strategy.train(self.bench.train_stream)
+                self._evaluate("after:joint")
+                p.next_experience = len(experiences)
+                self.echo(f"{'after:joint':>16}: mean {np.mean(p.bpb_rows[-1]):.3f} bpb")
+                self.save()
+        for experience in experiences[p.next_experience:]:
+            self.strategy.train(experience)
+            self._evaluate(f"after:{experience.domain}")
+            p.next_experience += 1
+            own = p.bpb_rows[-1][experience.current_experience]
+            self.echo(f"{p.stages[-1]:>16}: {experience.domain} {own:.3f} bpb, mean {np.mean(p.bpb_rows[-1]):.3f} bpb")
+            self.save()
+        return self.finish()
+
+    def finish(self) -> dict:
+        self.csv_logger.close()
+        self.tb_logger.writer.flush()
+        p = self.progress
+        p.elapsed_seconds += time.perf_counter() - self.started
+        self.started = time.perf_counter()
+        flops = self.model.flops_per_token()
+        res = results_io.assemble(
+            self.domains, p.stages, p.loss_rows, p.bpb_rows, p.num_experts,
+            # Whether a domain came from the cache says nothing about the results: leave it out.
+            domain_info=[{k: v for k, v in info.items() if k not in ("cache_file", "cached")}
+                         for info in self.bench.domain_info],
+            experts=_per_layer(p.expert_stats),
+            growth_events=sorted(self.manual_growth + (self.growth.events if self.growth else []),
+                                 key=lambda e: (e["step"], e["layer"])),
+            freeze_events=self.growth.frozen_events if self.growth else [],
+            flops_per_token=int(sum(flops.values())),
+            params=self.model.param_counts(),
+            config=self.cfg.to_dict(),
+        )
+        # Timing and machine facts vary between identical runs, so they live beside results.json,
+        # which stays bit-identical for the same seed on the same machine.
+        info = {"wall_time_s": round(p.elapsed_seconds, 2), "eval_time_s": round(p.eval_seconds, 2),
+                "python": platform.python_version(), "torch": torch.__version__,
+                "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads(), "device": str(self.device)}
+        results_io.write_json_atomic(self.out_dir / results_io.RUN_INFO_FILE, info)
+        results_io.write_json_atomic(self.out_dir / results_io.RESULTS_FILE, res)
+        save_matrix_heatmap(res, self.out_dir / "bpb_matrix.png")
+        return {**res, "run_info": info}
+
+
+def _per_layer(stats_per_stage: list[dict]) -> dict:
+    """[stage]{layer}{key: value} -> {layer}{key: [value per stage]}."""
+    out: dict = {}
+    for stats in stats_per_stage:
+        for layer, values in stats.items():
+            for key, value in values.items():
+                out.setdefault(layer, {}).setdefault(key, []).append(value)
+    return out
 
 
 def run(cfg: RunConfig, out_dir: str | Path, progress: bool | None = None, echo=print) -> dict:
@@ -71,69 +276,162 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool | None = None, echo=
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
-    started = time.perf_counter()
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.train.device)
+    session = Run(cfg, out_dir, progress, echo)
+    _describe(session, echo)
+    return session.execute()
 
-    bench = load_stream(cfg)
-    domains = bench.domains
-    sizes = [f"{d} ({info['train_tokens']:,} train / {info['test_tokens']:,} test tokens)"
-             for d, info in zip(domains, bench.domain_info)]
+
+def resume(run_dir: str | Path, progress: bool | None = None, echo=print) -> dict:
+    """Continue a run from its newest complete checkpoint; identical results to an uninterrupted run."""
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    path = checkpoint.latest(run_dir)
+    if path is None:
+        raise ConfigError(f"{run_dir} has no complete checkpoint to resume from")
+    session = Run(cfg, run_dir, progress, echo)
+    session.restore(path)
+    echo(f"resuming from {path.name}: {len(session.progress.stages)} stages done "
+         f"({', '.join(session.progress.stages)})")
+    return session.execute()
+
+
+def _describe(session: Run, echo) -> None:
+    info = session.bench.domain_info
+    sizes = [f"{d} ({i['train_tokens']:,} train / {i['test_tokens']:,} test tokens)"
+             for d, i in zip(session.domains, info)]
     echo(f"stream: {', '.join(sizes)}")
-
-    try:
-        model = LanguageModel(cfg.model, vocab_size=bench.vocab_size, context=cfg.stream.block_len)
-    except ValueError as err:  # the experts' own argument checks, e.g. a non-square pool
-        raise ConfigError(f"model: {err}") from None
-    flops = model.flops_per_token()
-    params = model.param_counts()
+    params, flops = session.model.param_counts(), session.model.flops_per_token()
     echo(f"model: {params['total']:,} parameters ({params['active_per_token']:,} active per token), "
-         f"{sum(flops.values()) / 1e6:.2f} MFLOPs per token, {model.num_experts():,} experts, device {device}")
+         f"{sum(flops.values()) / 1e6:.2f} MFLOPs per token, {session.model.num_experts():,} experts, "
+         f"device {session.device}")
+
+
+def _checkpoint_folder(path: str | Path) -> Path:
+    """A checkpoint folder given either itself or the run directory holding it."""
+    path = Path(path)
+    if (path / checkpoint.STATE_FILE).is_file():
+        return path
+    if (path / CONFIG_FILE).is_file():
+        latest = checkpoint.latest(path)
+        if latest is None:
+            raise ConfigError(f"{path} has no complete checkpoint")
+        return latest
+    raise ConfigError(f"{path} is neither a run directory nor a checkpoint folder")
+
+
+def grow_checkpoint(path: str | Path, experts_per_layer: int, warmup_steps: int = 100, init: str = "random",
+                    layers: list[str] | None = None, echo=print) -> Path:
+    """Grow the expert layers of a saved checkpoint; write a new checkpoint that `resume` continues.
+
+    The optimizer state goes through the same surgery as growth during training (old moments
+    kept, new rows zero), and the output change on the next domain's blocks is measured and
+    recorded with the event, as for growth during a run.
+    """
+    folder = _checkpoint_folder(path)
+    run_dir = folder.parent.parent
+    cfg = read_run_config(run_dir)
+    state = checkpoint.load_state(folder)
+    bench = load_stream(cfg)
+    model = build_model(cfg, bench.vocab_size)
+    checkpoint.load_weights(folder, model)
+    available = model.expert_layers()
+    if not available:
+        raise ConfigError(f"{run_dir}: growth needs PEER or MoE layers, but this model has none "
+                          f"(model.ffn is {cfg.model.ffn!r})")
+    unknown = sorted(set(layers or []) - set(available))
+    if unknown:
+        raise ConfigError(f"no expert layer {unknown[0]!r} (layers: {', '.join(available)})")
+    if cfg.strategy.name in ("ewc", "si", "mas"):
+        raise ConfigError(f"{run_dir}: strategy {cfg.strategy.name!r} keeps per-parameter importances "
+                          "that do not follow a growing expert table")
     optimizer = build_optimizer(model, cfg)
+    optimizer.load_state_dict(state["optimizer"])
+    # Place keys (and measure the output change) on the domain that training continues with.
+    progress = Progress(**state["progress"])
+    experience = bench.train_stream[min(progress.next_experience, len(bench.domains) - 1)]
+    dataset = experience.dataset
+    picks = torch.linspace(0, len(dataset) - 1, min(BOUNDARY_BLOCKS, len(dataset))).long().tolist()
+    inputs = layer_inputs(model, torch.stack([dataset[i][0] for i in picks]))
+    events = list(state["manual_growth_events"])
+    for name in layers or list(available):
+        layer = available[name]
+        old = layer.num_experts
+        layer_init = init if isinstance(layer, experts.PEER) else "random"
+        ids, change = grow_layer(layer, experts_per_layer, optimizer, warmup_steps, layer_init, inputs[name])
+        events.append({"step": int(state["strategy"]["optimizer_steps"]), "experience": progress.next_experience,
+                       "domain": experience.domain, "layer": name, "reason": "checkpoint", "init": layer_init,
+                       "added": int(ids.numel()), "num_experts": layer.num_experts, "output_change": change})
+        echo(f"grew {name}: {old:,} -> {layer.num_experts:,} experts, output change {change:.2e}")
+    state.update(optimizer=optimizer.state_dict(), manual_growth_events=events)
+    state.pop("format")
+    new = checkpoint.save(run_dir, model, state, keep=cfg.checkpoint.keep + 1)
+    if progress.next_experience >= len(bench.domains):
+        echo("note: this run had finished; resuming it evaluates nothing new")
+    return new
 
-    loss_rows: list[list[float]] = []
-    bpb_rows: list[list[float]] = []
-    csv_logger = CSVMetricLogger(out_dir / "metrics.csv")
-    tb_logger = TensorboardLogger(tb_log_dir=out_dir / "tb")
-    domain_loss = DomainLossMetric(domains, [i["bytes_per_token"] for i in bench.domain_info],
-                                   on_stage=lambda nats, bpb: (loss_rows.append(nats), bpb_rows.append(bpb)))
-    evaluator = EvaluationPlugin(domain_loss, TrainLossMetric(every=10, aux_metrics=_aux_metrics(model)),
-                                 loggers=[csv_logger, tb_logger])
-    strategy = build_strategy(cfg, model, optimizer, evaluator, device,
-                              plugins=[ProgressPlugin(domains, enabled=progress)])
 
-    stages = ["init"]
-    num_experts = [model.num_experts()]
-    eval_seconds = 0.0
-    t0 = time.perf_counter()
-    strategy.eval(bench.test_stream)
-    eval_seconds += time.perf_counter() - t0
-    echo(f"{'init':>16}: mean test loss {np.mean(bpb_rows[-1]):.3f} bpb")
-    for experience in bench.train_stream:
-        strategy.train(experience)
-        t0 = time.perf_counter()
-        strategy.eval(bench.test_stream)
-        eval_seconds += time.perf_counter() - t0
-        stages.append(f"after:{experience.domain}")
-        num_experts.append(model.num_experts())
-        own = bpb_rows[-1][experience.current_experience]
-        echo(f"{stages[-1]:>16}: {experience.domain} {own:.3f} bpb, mean {np.mean(bpb_rows[-1]):.3f} bpb")
-    csv_logger.close()
-    tb_logger.writer.flush()
+SEEDS_FILE = "seeds.json"
 
-    wall = time.perf_counter() - started
-    results = results_io.assemble(
-        domains, stages, loss_rows, bpb_rows, num_experts,
-        domain_info=bench.domain_info,
-        flops_per_token=int(sum(flops.values())),
-        params=params,
-        wall_time_s=round(wall, 2),
-        eval_time_s=round(eval_seconds, 2),
-        environment={"python": platform.python_version(), "torch": torch.__version__,
-                     "platform": platform.platform(), "device": str(device),
-                     "cpu_threads": torch.get_num_threads(), "argv": sys.argv[1:]},
-        config=cfg.to_dict(),
-    )
-    results_io.write_json_atomic(out_dir / results_io.RESULTS_FILE, results)
-    save_matrix_heatmap(results, out_dir / "bpb_matrix.png")
-    return results
+
+def _mean_std(values: list[float | None]) -> dict:
+    present = [v for v in values if v is not None]
+    if not present:
+        return {"mean": None, "std": None, "values": values}
+    return {"mean": float(np.mean(present)), "std": float(np.std(present, ddof=1)) if len(present) > 1 else 0.0,
+            "values": values}
+
+
+def aggregate_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
+    """results.json of a multi-seed run: matrices averaged over seeds, every figure recomputed from
+    the mean matrices, plus `over_seeds`: mean, sample std and per-seed values of every summary figure."""
+    first = per_seed[0]
+    mean = lambda key: np.mean([r[key] for r in per_seed], axis=0).tolist()  # noqa: E731
+    res = results_io.assemble(first["domains"], first["stages"], mean("loss_matrix"), mean("bpb_matrix"),
+                              first["num_experts"], domain_info=first["domain_info"],
+                              flops_per_token=first["flops_per_token"], params=first["params"],
+                              config=first["config"])
+    over: dict = {}
+    for prefix, pick in (("", lambda r: r), ("bpb_", lambda r: r["bpb_summary"])):
+        for key in ("final_average", "plasticity", "bwt", "fwt"):
+            over[prefix + key] = _mean_std([pick(r)[key] for r in per_seed])
+        for domain in first["forgetting"]:
+            over[f"{prefix}forgetting/{domain}"] = _mean_std([pick(r)["forgetting"][domain] for r in per_seed])
+    res.update(seeds=seeds, runs=[f"seed-{s}" for s in seeds], over_seeds=over)
+    return res
+
+
+def _finished(run_dir: Path) -> dict:
+    """A finished run's results.json, with its run_info.json under "run_info" as `run` returns it."""
+    res = results_io.load(run_dir)
+    info_path = run_dir / results_io.RUN_INFO_FILE
+    return {**res, "run_info": json.loads(info_path.read_text()) if info_path.is_file() else {}}
+
+
+def run_seeds(cfg: RunConfig, seeds: list[int], out_dir: str | Path, progress: bool | None = None,
+              echo=print, resuming: bool = False) -> dict:
+    """One run per seed in `out_dir/seed-N/`, then the aggregate results.json in `out_dir`.
+
+    When `resuming`, finished seeds are read back, interrupted ones resumed, missing ones started.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        (out_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
+        results_io.write_json_atomic(out_dir / SEEDS_FILE, {"seeds": seeds})
+    per_seed = []
+    for seed in seeds:
+        seed_dir = out_dir / f"seed-{seed}"
+        echo(f"--- seed {seed} ({seed_dir})")
+        if resuming and (seed_dir / results_io.RESULTS_FILE).is_file():
+            per_seed.append(_finished(seed_dir))
+        elif resuming and checkpoint.latest(seed_dir) is not None:
+            per_seed.append(resume(seed_dir, progress=progress, echo=echo))
+        else:
+            per_seed.append(run(dataclasses.replace(cfg, seed=seed), seed_dir, progress=progress, echo=echo))
+    res = aggregate_seeds(per_seed, seeds)
+    results_io.write_json_atomic(out_dir / results_io.RESULTS_FILE, res)
+    save_matrix_heatmap(res, out_dir / "bpb_matrix.png")
+    info = {key: round(sum(r["run_info"].get(key, 0.0) for r in per_seed), 2)
+            for key in ("wall_time_s", "eval_time_s")}
+    results_io.write_json_atomic(out_dir / results_io.RUN_INFO_FILE, info)
+    return {**res, "run_info": info}

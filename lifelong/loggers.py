@@ -37,6 +37,16 @@ class CSVMetricLogger(BaseLogger):
         self._writer.writerow((name, x_plot, repr(float(value))))
         self._file.flush()
 
+    def tell(self) -> int:
+        """Bytes written so far (a checkpoint records it to undo rows logged after it)."""
+        return self._file.tell()
+
+    def truncate(self, size: int) -> None:
+        """Drop everything after byte `size`: rows logged after the checkpoint being resumed."""
+        self._file.flush()
+        self._file.truncate(size)
+        self._file.seek(size)
+
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from avalanche.evaluation.metric_definitions import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
 
+from experts import jaccard_overlap, kl_to_uniform, track_usage, usage_fraction
+
 LN2 = math.log(2.0)
 
 
@@ -87,7 +89,14 @@ def plasticity(matrix) -> float:
 
 
 def summarize(matrix, domains: Sequence[str]) -> dict:
-    """Every section-7 figure of one matrix, keyed by name (forgetting keyed by domain)."""
+    """Every section-7 figure of one matrix, keyed by name (forgetting keyed by domain).
+
+    A joint-training matrix has two rows (before training, after training on the
+    union of all domains); only the final average is defined for it.
+    """
+    if len(matrix) == 2 and len(domains) > 1:
+        return {"forgetting": {}, "forgetting_first_last": {}, "bwt": None, "fwt": None,
+                "final_average": float(np.mean(matrix[-1])), "plasticity": None}
     return {
         "forgetting": dict(zip(domains, forgetting(matrix))),
         "forgetting_first_last": dict(zip(domains, forgetting_first_last(matrix))),
@@ -130,7 +139,7 @@ class DomainLossMetric(PluginMetric[dict]):
         self._nats = torch.zeros((), dtype=torch.float64)
         self._tokens = 0
         self._row: dict[int, float] = {}
-        self._stage = 0
+        self.stage = 0
 
     def reset(self) -> None:
         self._row = {}
@@ -157,7 +166,7 @@ class DomainLossMetric(PluginMetric[dict]):
         self._row[j] = loss
         bpb = bits_per_byte(loss, self.bytes_per_token[j])
         name = f"eval_phase/test_stream/{_exp_suffix(strategy)}"
-        x = self._stage
+        x = self.stage
         return [MetricValue(self, f"Loss_Exp/{name}", loss, x),
                 MetricValue(self, f"BPB_Exp/{name}", bpb, x),
                 MetricValue(self, f"PPL_Exp/{name}", math.exp(min(loss, 50.0)), x)]
@@ -167,11 +176,11 @@ class DomainLossMetric(PluginMetric[dict]):
         if len(self._row) == len(self.domains):
             row = [self._row[j] for j in range(len(self.domains))]
             row_bpb = [bits_per_byte(v, b) for v, b in zip(row, self.bytes_per_token)]
-            values = [MetricValue(self, "Loss_Stream/eval_phase/test_stream", float(np.mean(row)), self._stage),
-                      MetricValue(self, "BPB_Stream/eval_phase/test_stream", float(np.mean(row_bpb)), self._stage)]
+            values = [MetricValue(self, "Loss_Stream/eval_phase/test_stream", float(np.mean(row)), self.stage),
+                      MetricValue(self, "BPB_Stream/eval_phase/test_stream", float(np.mean(row_bpb)), self.stage)]
             if self.on_stage is not None:
                 self.on_stage(row, row_bpb)
-            self._stage += 1
+            self.stage += 1
         return values
 
     def __str__(self) -> str:
@@ -200,10 +209,12 @@ class TrainLossMetric(PluginMetric[float]):
         return self._sum / self._count if self._count else None
 
     def after_training_iteration(self, strategy) -> list[MetricValue] | None:
-        self.step += 1
         nll = F.cross_entropy(strategy.mb_output.detach().flatten(0, -2).float(), strategy.mb_y.flatten())
         self._sum += nll.item()
         self._count += 1
+        if not getattr(strategy, "is_update_step", True):
+            return None  # a micro-batch of a gradient-accumulation group: count optimizer steps only
+        self.step += 1
         if self.step % self.every:
             return None
         values = [MetricValue(self, "Loss_MB/train_phase/train_stream", self.result(), self.step),
@@ -216,3 +227,77 @@ class TrainLossMetric(PluginMetric[float]):
 
     def __str__(self) -> str:
         return "TrainLoss"
+
+
+class ExpertUsageMetric(PluginMetric[dict]):
+    """Expert usage of every PEER and MoE layer on each evaluated domain (He 2024, Table 2).
+
+    For each domain's test split, the routing weights every expert receives are
+    accumulated (`experts.UsageCounter`, attached only while that domain is
+    evaluated); then per layer: usage = fraction of experts with weight > 0,
+    unevenness = KL(z || uniform), the top experts, and the Jaccard overlap of
+    the expert sets of every pair of domains. After a full pass over the test
+    stream, `on_stage(stats, counts)` receives the summary (plain lists, for
+    results.json) and the raw per-head counts {layer: {domain: [heads, N]}}.
+    """
+
+    def __init__(self, layers: Callable[[], dict], domains: Sequence[str],
+                 on_stage: Callable[[dict, dict], None] | None = None, top: int = 8):
+        super().__init__()
+        self.layers, self.domains, self.on_stage, self.top = layers, list(domains), on_stage, top
+        self.stage = 0
+        self._counters: dict = {}
+        self._by_domain: dict[int, dict] = {}
+
+    def reset(self) -> None:
+        self._by_domain = {}
+
+    def result(self) -> dict:
+        return self._by_domain
+
+    def before_eval(self, strategy) -> None:
+        self.reset()
+
+    def before_eval_exp(self, strategy) -> None:
+        self._counters = {name: track_usage(layer) for name, layer in self.layers().items()}
+
+    def after_eval_exp(self, strategy) -> list[MetricValue]:
+        for layer in self.layers().values():
+            layer.usage_counter = None
+        j = strategy.experience.current_experience
+        self._by_domain[j] = self._counters
+        values = []
+        for name, counter in self._counters.items():
+            suffix = f"eval_phase/test_stream/{name}/{_exp_suffix(strategy)}"
+            values.append(MetricValue(self, f"ExpertUsage_Exp/{suffix}", counter.usage(), self.stage))
+            values.append(MetricValue(self, f"ExpertKL_Exp/{suffix}", counter.unevenness(), self.stage))
+        return values
+
+    def after_eval(self, strategy) -> list[MetricValue]:
+        if len(self._by_domain) != len(self.domains) or not self._counters:
+            return []
+        order = range(len(self.domains))
+        stats, counts, values = {}, {}, []
+        for name in self._counters:
+            per_domain = [self._by_domain[j][name] for j in order]
+            pooled = sum(c.counts.sum(0) for c in per_domain)
+            stats[name] = {
+                "num_experts": per_domain[0].num_experts,
+                "usage": [c.usage() for c in per_domain],
+                "unevenness": [c.unevenness() for c in per_domain],
+                "usage_all": usage_fraction(pooled),
+                "unevenness_all": kl_to_uniform(pooled),
+                "overlap": [[jaccard_overlap(a.counts, b.counts) for b in per_domain] for a in per_domain],
+                "top_experts": [c.top_experts(self.top)[0].tolist() for c in per_domain],
+            }
+            counts[name] = {self.domains[j]: per_domain[j].counts.float() for j in order}
+            x = self.stage
+            values.append(MetricValue(self, f"ExpertUsage_Stream/eval_phase/test_stream/{name}", stats[name]["usage_all"], x))
+            values.append(MetricValue(self, f"ExpertKL_Stream/eval_phase/test_stream/{name}", stats[name]["unevenness_all"], x))
+        if self.on_stage is not None:
+            self.on_stage(stats, counts)
+        self.stage += 1
+        return values
+
+    def __str__(self) -> str:
+        return "ExpertUsage"

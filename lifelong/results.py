@@ -11,6 +11,7 @@ from typing import Any
 from lifelong.metrics import summarize
 
 RESULTS_FILE = "results.json"
+RUN_INFO_FILE = "run_info.json"
 
 
 def assemble(domains: list[str], stages: list[str], loss_matrix: list[list[float]],

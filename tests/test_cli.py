@@ -101,3 +101,10 @@ def test_console_entry_point_has_no_traceback_on_bad_input():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "lifelong: error: model.ffn: 'sparse' is not one of peer, moe, dense"
+
+
+@pytest.mark.parametrize("seeds", ["a,b", "1,1", ","])
+def test_bad_seeds(seeds, capsys, tmp_path):
+    assert run_cli(["run", "--preset", "smoke", "--seeds", seeds, "--out", str(tmp_path / "r")]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -27,7 +27,7 @@ def test_layers_preset_then_file_then_overrides(tmp_path):
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown config key train.lrr .*valid keys of train: batch_size, epochs, lr"):
+    with pytest.raises(ConfigError, match=r"unknown config key train.lrr .*valid keys of train: batch_size, grad_accum, epochs, lr"):
         config.resolve("smoke", overrides=["train.lrr=1"])
     with pytest.raises(ConfigError, match="unknown config key foo"):
         config.resolve("smoke", overrides=["foo=1"])
@@ -96,3 +96,19 @@ def test_resolved_config_round_trips():
     again = config.from_dict(cfg.to_dict())
     assert again == cfg
     assert config.from_dict(config.yaml.safe_load(config.dump_yaml(cfg))) == cfg
+
+
+def test_builtin_preset_documents_every_key():
+    """builtin.yaml is the reference of every setting: each dataclass field appears in it."""
+    import dataclasses
+
+    listed = config.load_preset("builtin")
+
+    def walk(cls, values, where):
+        for f in dataclasses.fields(cls):
+            assert f.name in values, f"{where}{f.name} missing from builtin.yaml"
+            if dataclasses.is_dataclass(f.type if not isinstance(f.type, str) else getattr(config, f.type, None)):
+                sub = f.type if not isinstance(f.type, str) else getattr(config, f.type)
+                walk(sub, values[f.name], f"{where}{f.name}.")
+
+    walk(config.RunConfig, listed, "")

@@ -65,3 +65,9 @@ def test_matrix_shape_is_checked():
 def test_bits_per_byte():
     assert metrics.bits_per_byte(math.log(2), 1.0) == pytest.approx(1.0)
     assert metrics.bits_per_byte(math.log(2) * 4, 4.0) == pytest.approx(1.0)
+
+
+def test_joint_matrix_has_only_a_final_average():
+    s = metrics.summarize([[5.0, 5.0, 5.0], [1.0, 2.0, 3.0]], ["a", "b", "c"])
+    assert s["final_average"] == pytest.approx(2.0)
+    assert s["bwt"] is None and s["fwt"] is None and s["forgetting"] == {} and s["plasticity"] is None

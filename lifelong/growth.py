@@ -1,0 +1,224 @@
+"""When the expert pools grow during a run, and what is recorded when they do.
+
+`GrowthPlugin` grows every PEER and MoE layer of the model
+  - at each domain boundary, in `before_train_dataset_adaptation`: the earliest
+    hook of a new experience, before Avalanche prepares the optimizer for it
+    (DESIGN.md section 6: a parameter grown in `before_training_exp` would miss
+    that update; our growth keeps parameter identities and does its own
+    optimizer surgery, so Avalanche's update never resets the moments);
+  - every N optimizer steps, or
+  - when a trigger fires: expert usage on recent training tokens saturated, or
+    the training loss stopped improving.
+Growth happens between optimizer steps, never between a forward and its backward.
+
+Each growth is recorded as an event with the output change measured at that
+moment (eval mode, on the layer's recent inputs): it should be ~0, because new
+keys start dormant (experts/growth.py).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+from avalanche.core import SupervisedPlugin
+
+import experts
+from experts import PEER, UsageCounter
+from lifelong.config import GrowthConfig
+
+PROBE_TOKENS = 2048  # tokens kept per layer for k-means placement, triggers and the output check
+BOUNDARY_BLOCKS = 32  # blocks of a new domain run through the model to place its keys
+
+
+class InputRecorder:
+    """The most recent training inputs of each expert layer (a bounded window of tokens).
+
+    Cleared at the start of every experience, so what it holds depends only on
+    the current experience's data: a run resumed from a boundary sees the same.
+    """
+
+    def __init__(self, layers: dict[str, torch.nn.Module], max_tokens: int = PROBE_TOKENS):
+        self.max_tokens = max_tokens
+        self.inputs: dict[str, deque] = {name: deque() for name in layers}
+        self._sizes = dict.fromkeys(layers, 0)
+        self.enabled = True
+        self._handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in layers.items()]
+
+    def _hook(self, name: str):
+        def record(module, args):
+            if not (self.enabled and module.training):
+                return
+            x_TD = args[0].detach().reshape(-1, args[0].shape[-1])[-self.max_tokens:]
+            window = self.inputs[name]
+            window.append(x_TD)
+            self._sizes[name] += x_TD.shape[0]
+            while self._sizes[name] - window[0].shape[0] >= self.max_tokens:
+                self._sizes[name] -= window.popleft().shape[0]
+        return record
+
+    def get(self, name: str) -> torch.Tensor | None:
+        window = self.inputs[name]
+        return torch.cat(list(window))[-self.max_tokens:] if window else None
+
+    def clear(self) -> None:
+        for name in self.inputs:
+            self.inputs[name].clear()
+            self._sizes[name] = 0
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def layer_inputs(model, blocks_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each expert layer's input [tokens, dim] when the model (in eval mode) reads `blocks_BT`."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = [layer.register_forward_pre_hook(
+        lambda module, args, name=name: captured.__setitem__(name, args[0].reshape(-1, args[0].shape[-1])))
+        for name, layer in model.expert_layers().items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(blocks_BT)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def usage_of(layer, inputs: torch.Tensor) -> UsageCounter:
+    """Usage counts of `layer` routing `inputs` (eval mode, so batch statistics stay untouched)."""
+    counter = UsageCounter(layer.num_experts, getattr(layer, "heads", 1))
+    was_training = layer.training
+    layer.eval()
+    try:
+        counter.update(*layer.route(inputs))
+    finally:
+        layer.train(was_training)
+    return counter
+
+
+@torch.no_grad()
+def grow_layer(layer, n: int, optimizer, warmup_steps: int, init: str, inputs: torch.Tensor | None,
+               usage=None) -> tuple[torch.Tensor, float]:
+    """Grow one layer; return the new ids and the max |output change| on `inputs` (eval mode)."""
+    was_training = layer.training
+    layer.eval()
+    try:
+        before = layer(inputs) if inputs is not None else None
+        if isinstance(layer, PEER):
+            ids = layer.grow(n, optimizer=optimizer, warmup_steps=warmup_steps, init=init,
+                             inputs=inputs, usage=usage)
+        else:  # MoE: router rows; no key placement to choose
+            ids = layer.grow(n, optimizer=optimizer, warmup_steps=warmup_steps, inputs=inputs)
+        change = float((layer(inputs) - before).abs().max()) if inputs is not None else float("nan")
+    finally:
+        layer.train(was_training)
+    return ids, change
+
+
+class GrowthPlugin(SupervisedPlugin):
+    """Grows the model's PEER/MoE pools on the configured schedule and freezes by policy."""
+
+    def __init__(self, cfg: GrowthConfig, model, echo=None):
+        super().__init__()
+        self.cfg, self.model, self.echo = cfg, model, echo or (lambda *_: None)
+        self.layers = model.expert_layers()
+        self.recorder = InputRecorder(self.layers)
+        self.events: list[dict] = []
+        self.frozen_events: list[dict] = []
+        self.step = 0
+        self.losses: deque = deque(maxlen=cfg.plateau_window)
+
+    # -- state for checkpoints (the protocol of lifelong.strategies.strategy_state_dict) ---------
+
+    def state_dict(self, strategy=None) -> dict:
+        return {"events": list(self.events), "frozen_events": list(self.frozen_events), "step": self.step,
+                "losses": list(self.losses)}
+
+    def load_state_dict(self, strategy, state: dict) -> None:
+        self.events = list(state["events"])
+        self.frozen_events = list(state["frozen_events"])
+        self.step = int(state["step"])
+        self.losses = deque(state["losses"], maxlen=self.cfg.plateau_window)
+
+    # -- growing -------------------------------------------------------------
+
+    def _growths(self, name: str) -> int:
+        return sum(1 for e in self.events if e["layer"] == name)
+
+    def grow_all(self, strategy, reason: str, inputs: dict[str, torch.Tensor | None]) -> None:
+        for name, layer in self.layers.items():
+            if self.cfg.max_growths and self._growths(name) >= self.cfg.max_growths:
+                continue
+            x = inputs.get(name)
+            usage = usage_of(layer, x) if x is not None and self.cfg.init == "copy" else None
+            init = self.cfg.init if x is not None or self.cfg.init != "kmeans" else "random"
+            old = layer.num_experts
+            ids, change = grow_layer(layer, self.cfg.experts, strategy.optimizer, self.cfg.warmup_steps,
+                                     init, x, usage)
+            event = {"step": self.step, "experience": strategy.experience.current_experience,
+                     "domain": getattr(strategy.experience, "domain", ""), "layer": name, "reason": reason,
+                     "init": init, "added": int(ids.numel()), "num_experts": layer.num_experts,
+                     "output_change": change}
+            self.events.append(event)
+            self.echo(f"  grew {name} ({reason}): {old:,} -> {layer.num_experts:,} experts, "
+                      f"output change {change:.2e}")
+            if self.cfg.freeze == "existing":
+                frozen = experts.freeze_existing(layer, strategy.optimizer)
+                self.frozen_events.append({"step": self.step, "layer": name, "policy": "existing",
+                                           "frozen": int(frozen.numel())})
+
+    def before_train_dataset_adaptation(self, strategy, **kwargs) -> None:
+        self.recorder.clear()
+        if self.cfg.schedule != "boundary" or strategy.experience.current_experience == 0:
+            return
+        dataset = strategy.experience.dataset
+        # Evenly spaced blocks of the new domain (no RNG drawn, so data order is untouched).
+        picks = torch.linspace(0, len(dataset) - 1, min(BOUNDARY_BLOCKS, len(dataset))).long().tolist()
+        blocks = torch.stack([dataset[i][0] for i in picks]).to(strategy.device)
+        self.grow_all(strategy, "boundary", layer_inputs(self.model, blocks))
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        self.losses.append(float(strategy.loss.detach()))
+
+    def after_update(self, strategy, **kwargs) -> None:
+        self.step += 1
+        if self.cfg.schedule == "steps" and self.step % self.cfg.every_steps == 0:
+            self.grow_all(strategy, "steps", self._recent())
+        elif self.cfg.schedule == "trigger" and self.step % self.cfg.check_every == 0 and self._fired():
+            self.grow_all(strategy, f"trigger:{self.cfg.trigger}", self._recent())
+            self.losses.clear()
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        if self.cfg.freeze != "top_used":
+            return
+        for name, layer in self.layers.items():
+            x = self.recorder.get(name)
+            if x is None:
+                continue
+            frozen = experts.freeze_top_used(layer, usage_of(layer, x), float(self.cfg.freeze_fraction),
+                                             strategy.optimizer)
+            self.frozen_events.append({"step": self.step, "layer": name, "policy": "top_used",
+                                       "domain": getattr(strategy.experience, "domain", ""),
+                                       "frozen": int(frozen.numel())})
+
+    # -- triggers --------------------------------------------------------------
+
+    def _recent(self) -> dict[str, torch.Tensor | None]:
+        return {name: self.recorder.get(name) for name in self.layers}
+
+    def _fired(self) -> bool:
+        if self.cfg.trigger == "usage":
+            return any(x is not None and usage_of(layer, x).usage() >= self.cfg.usage_threshold
+                       for layer, x in ((layer, self.recorder.get(n)) for n, layer in self.layers.items()))
+        if len(self.losses) < self.cfg.plateau_window:
+            return False
+        half = len(self.losses) // 2
+        old, new = list(self.losses)[:half], list(self.losses)[half:]
+        before, after = sum(old) / len(old), sum(new) / len(new)
+        return (before - after) < self.cfg.plateau_tolerance * abs(before)

@@ -1,0 +1,132 @@
+"""A whole run: determinism, and resuming after the process is killed at a checkpoint boundary."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lifelong import checkpoint, experiment
+from lifelong.config import ConfigError, resolve
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "lifelong.cli", *args]
+
+
+def _env():
+    # Same thread count for every process, so float reductions are ordered the same way.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def test_same_seed_gives_bit_identical_results(tmp_path):
+    cfg = resolve("smoke", overrides=["stream.train_tokens=4096", "stream.test_tokens=2048"])
+    experiment.run(cfg, tmp_path / "a", progress=False, echo=lambda *_: None)
+    experiment.run(cfg, tmp_path / "b", progress=False, echo=lambda *_: None)
+    a = (tmp_path / "a" / "results.json").read_bytes()
+    assert a == (tmp_path / "b" / "results.json").read_bytes()
+    other = resolve("smoke", overrides=["stream.train_tokens=4096", "stream.test_tokens=2048", "seed=1"])
+    experiment.run(other, tmp_path / "c", progress=False, echo=lambda *_: None)
+    assert json.loads(a)["loss_matrix"] != json.loads((tmp_path / "c" / "results.json").read_text())["loss_matrix"]
+
+
+def test_sigkill_after_first_checkpoint_then_resume_matches_uninterrupted(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_cli("run", "--preset", "smoke", "--out", str(full), "--no-progress"),
+                   env=_env(), check=True, capture_output=True)
+
+    proc = subprocess.Popen(_cli("run", "--preset", "smoke", "--out", str(killed), "--no-progress"),
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints" / "ckpt-000001").is_dir():  # after the first experience
+        assert proc.poll() is None, "the run ended before its first experience checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "results.json").exists()
+
+    done = subprocess.run(_cli("run", "--resume", str(killed), "--no-progress"),
+                          env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from ckpt-" in done.stdout
+    a = json.loads((full / "results.json").read_text())
+    b = json.loads((killed / "results.json").read_text())
+    assert a["stages"] == b["stages"]
+    for row_a, row_b in zip(a["loss_matrix"], b["loss_matrix"]):
+        assert max(abs(x - y) for x, y in zip(row_a, row_b)) <= 1e-6
+    # The metric log holds each stage once: rows logged after the checkpoint were dropped.
+    rows = (killed / "metrics.csv").read_text().splitlines()
+    stream_rows = [r for r in rows if r.startswith("Loss_Stream/")]
+    assert len(stream_rows) == len(a["stages"])
+
+
+def test_resume_refuses_what_is_not_a_run(tmp_path):
+    with pytest.raises(ConfigError, match="not a run directory"):
+        experiment.resume(tmp_path)
+    cfg = resolve("smoke")
+    (tmp_path / "config.yaml").write_text(experiment.dump_yaml(cfg))
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        experiment.resume(tmp_path)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    cfg = resolve("smoke", overrides=["stream.train_tokens=2048", "stream.test_tokens=1024"])
+    experiment.run(cfg, tmp_path, progress=False, echo=lambda *_: None)
+    changed = resolve("smoke", overrides=["stream.train_tokens=2048", "stream.test_tokens=1024", "train.lr=0.5"])
+    (tmp_path / "config.yaml").write_text(experiment.dump_yaml(changed))
+    with pytest.raises(checkpoint.CheckpointError, match="different configuration"):
+        experiment.resume(tmp_path, progress=False, echo=lambda *_: None)
+
+
+def _fake(matrix, seed):
+    from lifelong import results
+    bpb = [[v * 2 for v in row] for row in matrix]
+    return results.assemble(["a", "b"], ["init", "after:a", "after:b"], matrix, bpb, [4, 4, 4],
+                            domain_info=[], flops_per_token=1, params={}, config={"seed": seed})
+
+
+def test_aggregate_seeds_averages_matrices_and_reports_spread():
+    r0 = _fake([[5.0, 5.0], [2.0, 4.0], [3.0, 1.0]], 0)   # bwt -1, fwt 1
+    r1 = _fake([[5.0, 5.0], [2.0, 4.0], [4.0, 1.0]], 1)   # bwt -2, fwt 1
+    agg = experiment.aggregate_seeds([r0, r1], [0, 1])
+    assert agg["loss_matrix"] == [[5.0, 5.0], [2.0, 4.0], [3.5, 1.0]]
+    assert agg["bwt"] == pytest.approx(-1.5)  # recomputed from the mean matrix
+    assert agg["over_seeds"]["bwt"] == {"mean": -1.5, "std": pytest.approx(0.5 ** 0.5), "values": [-1.0, -2.0]}
+    assert agg["over_seeds"]["fwt"]["std"] == 0.0
+    assert agg["over_seeds"]["bpb_bwt"]["values"] == [-2.0, -4.0]
+    assert agg["over_seeds"]["forgetting/a"]["values"] == [1.0, 2.0]
+    assert agg["seeds"] == [0, 1] and agg["runs"] == ["seed-0", "seed-1"]
+
+
+def test_seeds_run_and_resume(tmp_path):
+    from lifelong import cli
+    out = tmp_path / "multi"
+    args = ["run", "--preset", "smoke", "--out", str(out), "--no-progress", "--seeds", "3,4",
+            "--set", "stream.train_tokens=2048", "--set", "stream.test_tokens=1024"]
+    assert cli.main(args) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert first["seeds"] == [3, 4] and (out / "seed-3" / "results.json").is_file()
+    seed4 = json.loads((out / "seed-4" / "results.json").read_text())
+    assert seed4["config"]["seed"] == 4
+    # Interrupt seed 4 after its init stage: resume finishes it and re-aggregates identically.
+    for ckpt in sorted((out / "seed-4" / "checkpoints").iterdir()):
+        shutil.rmtree(ckpt)
+    experiment.run(resolve("smoke", overrides=["stream.train_tokens=2048", "stream.test_tokens=1024", "seed=4",
+                                               "checkpoint.keep=9"]), tmp_path / "ref", progress=False,
+                   echo=lambda *_: None)
+    shutil.rmtree(out / "seed-4")
+    shutil.copytree(tmp_path / "ref", out / "seed-4")
+    for name in ("results.json", "run_info.json"):
+        (out / "seed-4" / name).unlink()
+    for ckpt in sorted((out / "seed-4" / "checkpoints").iterdir())[1:]:
+        shutil.rmtree(ckpt)
+    assert cli.main(["run", "--resume", str(out), "--no-progress"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["loss_matrix"] == first["loss_matrix"]
