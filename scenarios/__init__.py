@@ -7,7 +7,7 @@ benchmark is built.
 from .blocks import SEPARATOR, STATS, BlockDataset, build_domain_blocks
 from .errors import StreamError
 from .sources import BUILTIN_DOMAINS, DomainSpec, make_source
-from .streams import PRESETS, build_benchmark, resolve_domains
+from .streams import HUB_PRESETS, PRESET_NOTES, PRESETS, build_benchmark, resolve_domains
 from .tokenizer import ByteTokenizer, HFTokenizer, get_tokenizer, load_tokenizer
 
 __all__ = [
@@ -16,7 +16,9 @@ __all__ = [
     "ByteTokenizer",
     "DomainSpec",
     "HFTokenizer",
+    "HUB_PRESETS",
     "PRESETS",
+    "PRESET_NOTES",
     "SEPARATOR",
     "STATS",
     "StreamError",

@@ -11,8 +11,23 @@ Three kinds of source:
 * the built-in offline corpus (:data:`BUILTIN_DOMAINS`): text every installation
   already has on disk (the Python standard library, the C++ headers shipped with
   torch, the Python docs, licence files of installed packages);
-* local files: a file or a folder of ``.txt`` / ``.jsonl`` / ``.parquet`` files;
-* Hugging Face datasets by name, read lazily (streaming by default).
+* local files (``path:``): a file or a folder of ``.txt`` / ``.jsonl`` /
+  ``.parquet`` files;
+* Hugging Face datasets (``hf:``) through ``datasets.load_dataset``, streaming
+  by default, with ``config``, ``split``, ``revision``, ``data_dir``,
+  ``data_files``, ``text_field`` and a metadata ``filter``.
+
+Why ``path:`` does not go through the ``datasets`` library's local ``json`` /
+``parquet`` builders: those builders either convert every file to an Arrow
+cache under ``~/.cache/huggingface`` before the first row is seen (map-style),
+or read the files front to back (streaming). :class:`LocalSource` instead
+visits files, ``.jsonl`` lines and ``.parquet`` row groups in a seeded order
+and stops as soon as the budget is filled, writes nothing outside the block
+cache, names the file and line of a bad row, and works without ``datasets``
+installed (only ``pyarrow`` for parquet). The builders remain one line away:
+``{hf: json, data_files: "data/*.jsonl"}`` (or ``parquet``) reads local files
+through ``datasets.load_dataset`` like any hub dataset, and its cache entry
+follows the local files' sizes and mtimes.
 
 All three are deterministic for a given seed and machine; the built-in corpus is
 machine-dependent, which is why the content hash of the text used is recorded.
@@ -23,12 +38,14 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import glob
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import re
+import socket
 import sys
 import sysconfig
 import tokenize
@@ -59,7 +76,10 @@ class DomainSpec:
             (one document per line) or ``.parquet`` (one document per row) files.
         hf: a Hugging Face hub dataset name (``datasets.load_dataset``).
         text_field: field/column holding the text in ``.jsonl``/``.parquet``/hub rows.
-        config, split, revision: passed to ``datasets.load_dataset``.
+        config, split, revision, data_dir, data_files: passed to
+            ``datasets.load_dataset`` (``hf`` only). ``data_dir`` picks a
+            sub-folder of a hub dataset (e.g. one language of a code corpus);
+            ``data_files`` a glob, a list of them or a ``{split: files}`` mapping.
         max_tokens: per-domain cap on train+test tokens; overrides the stream's
             budgets, split between train and test by ``test_fraction``.
         filter: ``{field: allowed value or list of values}`` on row metadata, e.g.
@@ -75,6 +95,8 @@ class DomainSpec:
     config: Optional[str] = None
     split: str = "train"
     revision: Optional[str] = None
+    data_dir: Optional[str] = None
+    data_files: Optional[Any] = None
     max_tokens: Optional[int] = None
     filter: Optional[dict] = None
     streaming: bool = True
@@ -91,6 +113,8 @@ class DomainSpec:
         config: Optional[str] = None,
         split: str = "train",
         revision: Optional[str] = None,
+        data_dir: Optional[str] = None,
+        data_files: Optional[Any] = None,
         max_tokens: Optional[int] = None,
         filter: Optional[dict] = None,
         streaming: bool = True,
@@ -110,6 +134,8 @@ class DomainSpec:
         self.config = config
         self.split = split
         self.revision = revision
+        self.data_dir = data_dir
+        self.data_files = _copy_data_files(data_files)
         self.max_tokens = max_tokens
         self.filter = None if filter is None else dict(filter) if isinstance(filter, Mapping) else filter
         self.streaming = streaming
@@ -127,10 +153,19 @@ class DomainSpec:
             raise StreamError(
                 f"{d}: unknown built-in domain '{self.builtin}' (valid: {', '.join(BUILTIN_DOMAINS)})"
             )
-        for key in ("builtin", "path", "hf", "config", "revision"):
+        for key in ("builtin", "path", "hf", "config", "revision", "data_dir"):
             v = getattr(self, key)
             if v is not None and not isinstance(v, str):
                 raise StreamError(f"{d}: {key} must be a string, got {v!r}")
+        if self.hf is None:
+            given_hf = [k for k in ("config", "revision", "data_dir", "data_files") if getattr(self, k) is not None]
+            if given_hf:
+                raise StreamError(f"{d}: {', '.join(given_hf)} only apply to Hugging Face (hf) domains")
+        if self.data_files is not None and not _valid_data_files(self.data_files):
+            raise StreamError(
+                f"{d}: data_files must be a glob, a non-empty list of globs or a mapping "
+                f"split -> glob(s), got {self.data_files!r}"
+            )
         if not isinstance(self.text_field, str) or not self.text_field:
             raise StreamError(f"{d}: text_field must be a non-empty string, got {self.text_field!r}")
         if not isinstance(self.split, str) or not self.split:
@@ -170,6 +205,35 @@ class DomainSpec:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _copy_data_files(value: Any) -> Any:
+    """A plain (YAML/JSON-able) copy of a ``data_files`` value: tuples become lists."""
+    if isinstance(value, Mapping):
+        return {k: _copy_data_files(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return value
+
+
+def _valid_data_files(value: Any, nested: bool = False) -> bool:
+    if isinstance(value, str):
+        return bool(value)
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(v, str) and v for v in value)
+    if isinstance(value, dict) and not nested:
+        return bool(value) and all(isinstance(k, str) and k and _valid_data_files(v, True) for k, v in value.items())
+    return False
+
+
+def _data_file_patterns(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _data_file_patterns(v)]
+    return list(value)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -727,21 +791,77 @@ def _line_starts(path: Path, chunk: int = 1 << 24) -> tuple[np.ndarray, int]:
 
 def _load_hf(spec: DomainSpec):
     """``datasets.load_dataset`` for a spec; remote code is never trusted."""
-    import datasets
-
+    try:
+        import datasets
+    except ImportError:
+        raise StreamError(
+            f"domain '{spec.name}': Hugging Face domains need the 'datasets' package, which is not "
+            "installed (pip install datasets)"
+        ) from None
+    extra = {k: getattr(spec, k) for k in ("data_dir", "data_files") if getattr(spec, k) is not None}
     return datasets.load_dataset(
-        spec.hf, spec.config, split=spec.split, streaming=spec.streaming, revision=spec.revision
+        spec.hf, spec.config, split=spec.split, streaming=spec.streaming, revision=spec.revision, **extra
     )
+
+
+# Exception class names (anywhere in the MRO) that mean "the network or the Hub
+# could not be reached": builtins, requests, httpx, aiohttp and huggingface_hub.
+_NETWORK_ERRORS = {
+    "ConnectionError", "TimeoutError", "gaierror", "OfflineModeIsEnabled", "ConnectError", "ConnectTimeout",
+    "ReadTimeout", "TimeoutException", "TransportError", "NetworkError", "ClientConnectionError",
+    "ServerDisconnectedError", "Timeout",
+}
+_NOT_FOUND_ERRORS = {
+    "DatasetNotFoundError", "RepositoryNotFoundError", "RevisionNotFoundError", "DataFilesNotFoundError",
+}
+
+
+def _error_kind(e: BaseException) -> str:
+    """``"network"``, ``"gated"``, ``"not-found"`` or ``"other"`` for an exception
+    raised while loading or reading a hub dataset."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if "GatedRepoError" in names:
+        return "gated"
+    if names & _NETWORK_ERRORS or isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)):
+        return "network"
+    if names & _NOT_FOUND_ERRORS:
+        return "not-found"
+    return "other"
+
+
+def _local_data_files(spec: DomainSpec) -> tuple[Optional[Path], list[str]]:
+    """Root and sorted relative paths of the local files a hub spec reads, if any:
+    ``hf`` naming a local folder, or ``data_files`` globs matching local files."""
+    hf_dir = Path(spec.hf).expanduser()
+    root = hf_dir if hf_dir.is_dir() else Path.cwd()
+    if spec.data_dir:
+        root = root / spec.data_dir
+    patterns = _data_file_patterns(spec.data_files)
+    if not patterns:
+        if not hf_dir.is_dir():
+            return None, []
+        return root, _walk(root, accept=lambda fn: not fn.startswith("."), prune=lambda rel, d: d.startswith("."))
+    found: set[str] = set()
+    for pat in patterns:
+        full = Path(pat).expanduser()
+        full = full if full.is_absolute() else root / full
+        for match in glob.glob(str(full), recursive=True):
+            if os.path.isfile(match):
+                found.add(os.path.relpath(match, root))
+    return (root, sorted(found)) if found else (None, [])
 
 
 class HubSource(Source):
     """A Hugging Face dataset read through ``datasets.load_dataset``.
 
     Streaming datasets are read in their own order and only as far as the budget
-    needs (the block builder stops iterating, so nothing more is downloaded);
-    map-style datasets (``streaming: false``) are visited in a seeded order.
-    Document ids are content hashes, so duplicated documents share a split.
-    The cache cannot see a hub dataset change: pin ``revision`` for reproducible runs.
+    needs (the block builder stops iterating, so nothing more is downloaded than
+    the shards, row groups or compressed blocks holding the rows read);
+    map-style datasets (``streaming: false``) are downloaded whole, then visited
+    in a seeded order. Document ids are content hashes, so duplicated documents
+    share a split. The cache cannot see a hub dataset change: pin ``revision``
+    for reproducible runs. Local files named by ``data_files`` (or a local
+    folder given as ``hf``) are fingerprinted by size and mtime like ``path:``.
     """
 
     def __init__(self, spec: DomainSpec):
@@ -749,18 +869,40 @@ class HubSource(Source):
         self.spec = spec
         self.rows = RowReader(spec.name, spec.text_field, spec.filter)
         extra = "".join(
-            f", {k}={getattr(spec, k)}" for k in ("config", "revision") if getattr(spec, k) is not None
+            f", {k}={getattr(spec, k)}" for k in ("config", "data_dir", "revision") if getattr(spec, k) is not None
         )
         self.description = f"hf: {spec.hf} (split={spec.split}{extra})"
 
     def fingerprint(self) -> Any:
         s = self.spec
-        return {"kind": "hf", "hf": s.hf, "config": s.config, "split": s.split, "revision": s.revision,
-                "streaming": s.streaming}
+        fp = {"kind": "hf", "hf": s.hf, "config": s.config, "split": s.split, "revision": s.revision,
+              "data_dir": s.data_dir, "data_files": s.data_files, "streaming": s.streaming}
+        root, files = _local_data_files(s)
+        if files:
+            fp["local"] = _stat_digest(root.resolve(), files)
+        return fp
 
     def _fail(self, e: BaseException, doing: str) -> StreamError:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return self._err(f"{doing} Hugging Face dataset '{self.spec.hf}' failed: {type(e).__name__}: {msg}")
+        detail = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+        name = self.spec.hf
+        kind = _error_kind(e)
+        if kind == "network":
+            return self._err(
+                f"cannot reach the Hugging Face Hub while {doing} dataset '{name}' (no network, a proxy or "
+                f"firewall, or HF_HUB_OFFLINE=1 without a local copy): {detail}"
+            )
+        if kind == "gated":
+            return self._err(
+                f"Hugging Face dataset '{name}' is gated: accept its terms on the Hub and log in "
+                f"(hf auth login, or set HF_TOKEN): {detail}"
+            )
+        if kind == "not-found":
+            return self._err(
+                f"Hugging Face dataset '{name}' not found (check the name, config, data_dir/data_files "
+                f"and revision; private datasets need a login): {detail}"
+            )
+        return self._err(f"{doing} Hugging Face dataset '{name}' failed: {detail}")
 
     def documents(self, seed: int) -> Iterator[Document]:
         try:

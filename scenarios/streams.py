@@ -12,12 +12,63 @@ from .tokenizer import Tokenizer, get_tokenizer
 
 _BUILTIN = [DomainSpec(name, builtin=name) for name in ("python", "cpp", "prose", "legal")]
 
-#: Named streams. Token budgets come from :func:`build_benchmark`'s arguments, so
-#: ``smoke`` is the same four domains meant to be run with tiny budgets.
+#: Tokens per domain (train + test, split by ``test_fraction``) that the hub presets
+#: stream: 5 M tokens = about 5 MB of text with the byte tokenizer.
+HUB_DOMAIN_TOKENS = 5_000_000
+
+_PILE = "monology/pile-uncopyrighted"
+#: Permissive licences (GitHub licence keys of the ``license`` column) kept by the code domain.
+_PERMISSIVE = ["mit", "apache-2.0", "bsd-3-clause", "bsd-2-clause"]
+
+
+def _hub(name: str, hf: str, **kw: Any) -> DomainSpec:
+    return DomainSpec(name, hf=hf, streaming=True, max_tokens=HUB_DOMAIN_TOKENS, **kw)
+
+
+#: Named streams. ``builtin`` and ``smoke`` are the same four offline domains (their
+#: budgets come from :func:`build_benchmark`'s arguments; ``smoke`` is meant to be run
+#: with tiny ones). The ``hub-*`` presets stream public Hugging Face datasets that need
+#: no loading script; they need the network (and ``zstandard`` for the Pile), and each
+#: domain stops reading after ``max_tokens``. See :data:`PRESET_NOTES`.
 PRESETS: dict[str, list[DomainSpec]] = {
     "builtin": list(_BUILTIN),
     "smoke": list(_BUILTIN),
+    "hub-wiki-code-science": [
+        _hub("wikipedia", "wikimedia/wikipedia", config="20231101.en"),
+        _hub("code", "codeparrot/codeparrot-clean", text_field="content", filter={"license": _PERMISSIVE}),
+        _hub("science", "common-pile/arxiv_papers_filtered"),
+    ],
+    "hub-pile": [
+        _hub(name, _PILE, filter={"meta.pile_set_name": subset})
+        for name, subset in (
+            ("arxiv", "ArXiv"), ("github", "Github"), ("freelaw", "FreeLaw"), ("stackexchange", "StackExchange"),
+        )
+    ],
 }
+
+#: Size and licence of every preset's data (one line each); the hub presets are
+#: documented in more detail in examples/STREAMS.md.
+PRESET_NOTES: dict[str, str] = {
+    "builtin": "offline: text already on this machine (stdlib sources and docstrings, torch C++ headers, "
+               "Python docs, licence files); each file keeps its own licence (PSF, BSD, MIT, ...).",
+    "smoke": "same four offline domains as builtin, meant for tiny budgets.",
+    "hub-wiki-code-science": "network: English Wikipedia 2023-11-01 (wikimedia/wikipedia, ~6.4 M articles, "
+                             "~20 GB; CC BY-SA 3.0 and GFDL), Python files from GitHub "
+                             "(codeparrot/codeparrot-clean, ~5.4 M files, ~50 GB; each file under its "
+                             "repository's licence, only MIT/Apache-2.0/BSD kept), openly licensed arXiv "
+                             "papers (common-pile/arxiv_papers_filtered, ~0.3 M papers, ~20 GB; CC BY, "
+                             "CC BY-SA, CC0). 5 M tokens streamed per domain.",
+    "hub-pile": "network: four subsets of the Pile without its copyrighted parts "
+                "(monology/pile-uncopyrighted: the Pile less Books3, BookCorpus2, OpenSubtitles, "
+                "YTSubtitles and OWT2, ~0.7 TB of text in jsonl.zst); each subset keeps its source's "
+                "terms (arXiv: the authors' licences, mostly arXiv's non-exclusive one; GitHub: each "
+                "repository's licence; FreeLaw: public-domain US court opinions; StackExchange: "
+                "CC BY-SA). Every domain streams the same mixed files and keeps its subset's rows. "
+                "Needs the zstandard package. 5 M tokens per domain.",
+}
+
+#: Presets whose domains read the Hugging Face Hub.
+HUB_PRESETS = tuple(name for name, domains in PRESETS.items() if any(d.hf for d in domains))
 
 ORDERS = ("given", "shuffle")
 

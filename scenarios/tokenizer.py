@@ -143,7 +143,7 @@ class HFTokenizer:
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         if ids.size == 0:
             return ids, np.zeros(0, dtype=np.int32)
-        starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64)
+        starts = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)[:, 0]
         # Byte-level BPE can give several tokens the same (or a non-monotone) start
         # when one character spans tokens; a running max keeps the charges >= 0.
         starts = np.maximum.accumulate(starts)

@@ -305,16 +305,66 @@ def test_hub_streaming_reads_lazily(hub_jsonl):
     assert [t for _, t in take(src, 2)] == ["code number 0", "paper number 1"]
 
 
-def test_hub_unknown_dataset_or_network_failure_is_stream_error(hub_jsonl, monkeypatch):
-    with pytest.raises(StreamError, match="domain 'x': loading Hugging Face dataset 'org/missing' failed"):
+def test_hub_unknown_dataset_is_stream_error(hub_jsonl):
+    with pytest.raises(StreamError, match=r"^domain 'x': Hugging Face dataset 'org/missing' not found \(check"):
         take(make_source(DomainSpec("x", hf="org/missing")), 1)
 
-    def offline(*a, **k):
-        raise ConnectionError("Couldn't reach 'org/ds' on the Hub")
 
-    monkeypatch.setattr(S, "_load_hf", lambda spec: offline())
-    with pytest.raises(StreamError, match="domain 'y': .*ConnectionError: Couldn't reach"):
+def test_hub_without_network_names_domain_and_says_hub_unreachable(monkeypatch):
+    """What datasets raises offline: ConnectionError("Couldn't reach '...' on the Hub (...)")."""
+    import datasets
+    import huggingface_hub.constants
+
+    # The real offline path of datasets (no monkeypatched loader): it fails at once,
+    # before any request, with the same exception as a machine without network.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    spec = DomainSpec("wiki", hf="lifelong-experts-test/not-cached", config="en")
+    with pytest.raises(StreamError) as err:
+        take(make_source(spec), 1)
+    msg = str(err.value)
+    assert msg.startswith("domain 'wiki': cannot reach the Hugging Face Hub while loading dataset "
+                          "'lifelong-experts-test/not-cached' (no network")
+    assert "ConnectionError: Couldn't reach" in msg and "\n" not in msg
+
+    def unreachable(*a, **k):
+        raise ConnectionError("Couldn't reach 'org/ds' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(StreamError, match=r"^domain 'y': cannot reach the Hugging Face Hub .*'org/ds'.*LocalEntry"):
         take(make_source(DomainSpec("y", hf="org/ds")), 1)
+
+
+@pytest.mark.parametrize(
+    "exc, kind",
+    [
+        (ConnectionError("x"), "network"),
+        (TimeoutError("x"), "network"),
+        (S.socket.gaierror(-2, "Name or service not known"), "network"),
+        (type("ConnectError", (Exception,), {})("httpx"), "network"),
+        (type("GatedRepoError", (OSError,), {})("gated"), "gated"),
+        (type("RepositoryNotFoundError", (OSError,), {})("404"), "not-found"),
+        (ValueError("BuilderConfig 'xx' not found"), "other"),
+        (FileNotFoundError("local file"), "other"),
+    ],
+)
+def test_hub_error_kinds(exc, kind):
+    assert S._error_kind(exc) == kind
+
+
+def test_hub_gated_and_missing_datasets_package(monkeypatch):
+    gated = type("GatedRepoError", (OSError,), {})
+
+    def raise_gated(spec):
+        raise gated("Access to dataset org/ds is restricted")
+
+    monkeypatch.setattr(S, "_load_hf", raise_gated)
+    with pytest.raises(StreamError, match=r"^domain 'g': Hugging Face dataset 'org/ds' is gated: accept its terms"):
+        take(make_source(DomainSpec("g", hf="org/ds")), 1)
+    monkeypatch.undo()
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)
+    with pytest.raises(StreamError, match=r"^domain 'd': Hugging Face domains need the 'datasets' package"):
+        take(make_source(DomainSpec("d", hf="org/ds")), 1)
 
 
 def test_hub_error_while_streaming_is_stream_error(monkeypatch):
@@ -339,3 +389,57 @@ def test_seeded_permutation_is_stable():
     p = S._seeded_permutation(10, 0, "k")
     assert np.array_equal(p, S._seeded_permutation(10, 0, "k"))
     assert sorted(p.tolist()) == list(range(10))
+
+
+# --------------------------------------------------------------------------- datasets' own builders on local files
+
+
+def test_data_dir_and_data_files_validation():
+    spec = DomainSpec("c", hf="org/code", data_dir="data/python", data_files=("a/*.jsonl", "b/*.jsonl"))
+    assert spec.data_files == ["a/*.jsonl", "b/*.jsonl"] and spec.to_dict()["data_dir"] == "data/python"
+    assert DomainSpec("c", hf="json", data_files={"train": "x.jsonl"}).data_files == {"train": "x.jsonl"}
+    for bad in ([], [""], {"train": []}, {"train": {"a": "b"}}, 3):
+        with pytest.raises(StreamError, match="domain 'c': data_files must be"):
+            DomainSpec("c", hf="json", data_files=bad)
+    with pytest.raises(StreamError, match="domain 'p': data_dir, data_files only apply to Hugging Face"):
+        DomainSpec("p", path="x", data_dir="d", data_files="f")
+    with pytest.raises(StreamError, match="domain 'p': config only apply"):
+        DomainSpec("p", path="x", config="en")
+
+
+def test_load_hf_passes_data_dir_and_data_files(monkeypatch):
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or iter([]))
+    S._load_hf(DomainSpec("c", hf="org/code", data_dir="data/python"))
+    S._load_hf(DomainSpec("w", hf="org/wiki", config="en", revision="abc"))
+    assert calls[0] == (("org/code", None), dict(split="train", streaming=True, revision=None, data_dir="data/python"))
+    assert calls[1] == (("org/wiki", "en"), dict(split="train", streaming=True, revision="abc"))
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_hf_json_builder_reads_local_files(tmp_path, monkeypatch, streaming):
+    """`hf: json` + data_files goes through datasets' own json builder, offline."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "a.jsonl", [{"body": f"alpha {i}", "lang": "en" if i % 2 else "fr"} for i in range(6)])
+    write_jsonl(tmp_path / "d" / "b.jsonl", [{"body": f"beta {i}", "lang": "en"} for i in range(3)])
+    spec = DomainSpec("j", hf="json", data_files="d/*.jsonl", text_field="body", filter={"lang": "en"},
+                      streaming=streaming)
+    src = make_source(spec)
+    texts = sorted(t for _, t in take(src, 100))
+    assert texts == sorted(["alpha 1", "alpha 3", "alpha 5", "beta 0", "beta 1", "beta 2"])
+    fp = src.fingerprint()
+    assert "local" in fp and make_source(spec).fingerprint() == fp
+    write_jsonl(tmp_path / "d" / "b.jsonl", [{"body": "beta changed", "lang": "en"}])
+    assert make_source(spec).fingerprint() != fp  # an edited local file invalidates the cache entry
+
+
+def test_hub_fingerprint_has_no_local_part_for_hub_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fp = make_source(DomainSpec("w", hf="org/wiki", data_dir="data/en")).fingerprint()
+    assert fp["data_dir"] == "data/en" and "local" not in fp

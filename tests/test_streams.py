@@ -1,5 +1,7 @@
 import ast
+import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -31,11 +33,11 @@ def local_domains(root: Path, names=("a", "b", "c", "d")):
     return specs
 
 
-def test_presets_are_the_four_builtin_domains():
-    assert set(PRESETS) == {"builtin", "smoke"}
-    for preset in PRESETS.values():
-        assert [d.name for d in preset] == ["python", "cpp", "prose", "legal"]
-        assert all(d.builtin == d.name for d in preset)
+def test_offline_presets_are_the_four_builtin_domains():
+    assert {"builtin", "smoke"} <= set(PRESETS)
+    for name in ("builtin", "smoke"):
+        assert [d.name for d in PRESETS[name]] == ["python", "cpp", "prose", "legal"]
+        assert all(d.builtin == d.name for d in PRESETS[name])
 
 
 def test_builtin_stream_structure(smoke):
@@ -194,7 +196,9 @@ def test_cached_rebuild(tmp_path):
 
 
 def test_unknown_preset():
-    with pytest.raises(StreamError, match=r"^unknown stream preset 'foo' \(valid: builtin, smoke\)$"):
+    valid = ", ".join(PRESETS)
+    assert valid.startswith("builtin, smoke, hub-")
+    with pytest.raises(StreamError, match=rf"^unknown stream preset 'foo' \(valid: {re.escape(valid)}\)$"):
         build_benchmark("foo")
 
 
@@ -242,3 +246,58 @@ def test_scenarios_does_not_import_experts_or_lifelong():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""]
             assert not any(n.split(".")[0] in {"experts", "lifelong"} for n in names), py
+
+
+def make_three_folders(root: Path) -> None:
+    """Small stand-ins for the folders examples/make_text_folders.py writes: chapters
+    as .txt, fortunes as .jsonl rows, man pages as .txt in section folders."""
+    verses = ["In the beginning was the word.", "And the light shone upon the waters.",
+              "And the people went up unto the mountain.", "Blessed are they that keep the law."]
+    for book in range(1, 4):
+        folder = root / "scripture" / f"{book:02d}-book"
+        folder.mkdir(parents=True)
+        for ch in range(1, 13):
+            lines = [f"{verses[(book + ch + k) % 4]} ({book}:{ch}:{k})" for k in range(6)]
+            (folder / f"chapter-{ch:03d}.txt").write_text(f"Book{book} {ch}\n\n" + "\n".join(lines) + "\n")
+    (root / "quotes").mkdir()
+    for cat in ("wisdom", "science", "humorists"):
+        rows = [{"text": f"A {cat} saying, number {i}: the fool doth think he is wise.\n\t\t-- Someone",
+                 "category": cat} for i in range(15)]
+        (root / "quotes" / f"{cat}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for sec in ("man1", "man7"):
+        (root / "manuals" / sec).mkdir(parents=True)
+        for i in range(20):
+            body = (f"NAME\n       tool{i} - do a thing\n\nSYNOPSIS\n       tool{i} [OPTION]... FILE\n\n"
+                    f"DESCRIPTION\n       The tool{i} command reads FILE and writes its summary. " * 3)
+            (root / "manuals" / sec / f"tool{i}.{sec[-1]}.txt").write_text(body)
+
+
+def test_three_local_folders_stream_from_the_example_config(tmp_path, monkeypatch):
+    """examples/three_folders.yaml over three folders of text: one experience per folder,
+    document-level splits, blocks traceable to their folder, and a cached rebuild."""
+    import yaml
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "three_folders.yaml"
+    domains = yaml.safe_load(example.read_text())["stream"]["domains"]
+    assert [d["name"] for d in domains] == ["scripture", "quotes", "manuals"]
+    monkeypatch.chdir(tmp_path)  # the example's paths are relative: data/...
+    make_three_folders(tmp_path / "data")
+    args = dict(block_len=32, train_tokens=1024, test_tokens=256, test_fraction=0.2, progress=False,
+                cache_dir=tmp_path / "cache")
+    bench = build_benchmark(domains, **args)
+    assert bench.domains == ["scripture", "quotes", "manuals"]
+    assert [e.domain for e in bench.train_stream] == [e.domain for e in bench.test_stream] == bench.domains
+    markers = {"scripture": "Book", "quotes": "saying", "manuals": "DESCRIPTION"}
+    for i, name in enumerate(bench.domains):
+        info = bench.domain_info[i]
+        assert info["split"] == "document" and info["train_docs"] > 0 and info["test_docs"] > 0
+        assert len(bench.train_stream[i].dataset) == 1024 // 32 and len(bench.test_stream[i].dataset) == 256 // 32
+        assert info["source"] == f"local: {(tmp_path / 'data' / name).resolve()}"
+        for stream in (bench.train_stream, bench.test_stream):
+            ds = stream[i].dataset
+            text = "".join(bytes(ds[j][0].tolist()).decode("utf-8", errors="replace") for j in range(len(ds)))
+            assert markers[name] in text
+            assert not {markers[o] for o in markers if o != name} & set(re.findall(r"[A-Za-z]+", text))
+    again = build_benchmark(domains, **args)
+    assert [i["cached"] for i in again.domain_info] == [True] * 3
+    assert [i["content_hash"] for i in again.domain_info] == [i["content_hash"] for i in bench.domain_info]

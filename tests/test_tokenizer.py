@@ -2,6 +2,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
 from scenarios import ByteTokenizer, HFTokenizer, StreamError, get_tokenizer, load_tokenizer
@@ -110,3 +111,54 @@ def test_get_tokenizer_variants():
         get_tokenizer("  ")
     with pytest.raises(StreamError):
         get_tokenizer(42)
+
+
+@pytest.fixture(scope="module")
+def local_hf_tokenizer(tmp_path_factory):
+    """A tiny byte-level BPE trained here and saved like a hub tokenizer (no network)."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["the quick brown fox jumps over the lazy dog", "déjà vu — 東京 🚀", "def f(x):\n    return x + 1"] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    path = tmp_path_factory.mktemp("tok")
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+    return str(path)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("the quick fox é東🚀\n\t  .,"))))
+def test_real_hf_tokenizer_charges_every_byte_once(local_hf_tokenizer, text):
+    tok = get_tokenizer(local_hf_tokenizer)
+    ids, nbytes = tok.encode_with_bytes(text)
+    assert len(ids) == len(nbytes) and (nbytes >= 0).all()
+    assert int(nbytes.sum()) == (len(text.encode("utf-8")) if len(ids) else 0)
+    assert tok.decode(ids) == text
+
+
+def test_real_hf_tokenizer_in_a_stream(local_hf_tokenizer, tmp_path):
+    from scenarios import build_benchmark
+
+    tok = get_tokenizer(local_hf_tokenizer)
+    assert isinstance(tok, HFTokenizer) and 256 < tok.vocab_size <= 400
+    assert tok.identity == get_tokenizer(local_hf_tokenizer).identity
+    for i in range(40):
+        (tmp_path / f"{i}.txt").write_text(f"the quick brown fox {i} jumps over the lazy dog — déjà vu\n" * 3)
+    bench = build_benchmark([{"name": "fox", "path": str(tmp_path)}], block_len=16, train_tokens=320,
+                            test_tokens=64, tokenizer=local_hf_tokenizer, progress=False)
+    info = bench.domain_info[0]
+    assert bench.vocab_size == tok.vocab_size and info["tokenizer"] == tok.identity
+    assert info["bytes_per_token"] > 1.5  # merges make tokens longer than one byte
+    x, y = bench.test_stream[0].dataset[0]
+    assert x.dtype == y.dtype == torch.int64 and int(x.max()) < tok.vocab_size
+    # Bits per byte divides by the raw bytes behind the test targets: the bytes of their
+    # text, up to a character cut at either end of the split.
+    ds = bench.test_stream[0].dataset
+    targets = torch.cat([ds[j][1] for j in range(len(ds))])
+    assert len(targets) == info["test_tokens"] == info["test_blocks"] * 16
+    assert abs(info["test_bytes"] - len(tok.decode(targets.tolist()).encode("utf-8"))) <= 8
