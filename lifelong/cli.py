@@ -17,6 +17,7 @@ from pathlib import Path
 from lifelong.config import ConfigError, available_presets, resolve
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
 RUN_FILES = ("config.yaml", "results.json", "run_info.json", "seeds.json", "metrics.csv", "bpb_matrix.png", "tb", "checkpoints", "snapshots")
 
 
@@ -158,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from scenarios import StreamError
 
+    from lifelong import checkpoint
     from lifelong.checkpoint import CheckpointError
+    from lifelong.plugins import TrainingDiverged
 
     try:
         handler = {"run": cmd_run, "grow": cmd_grow, "flops": cmd_flops}[args.command]
@@ -166,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StreamError, CheckpointError) as err:
         print(f"lifelong: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingDiverged as err:
+        kept = checkpoint.latest(err.run_dir) if getattr(err, "run_dir", None) else None
+        where = f"; the last good checkpoint is {kept}" if kept else ""
+        print(f"lifelong: {err}{where}", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         print("lifelong: interrupted", file=sys.stderr)
         return 130

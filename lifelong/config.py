@@ -381,6 +381,10 @@ class RunConfig:
         growing = self.growth.schedule != "none" or self.growth.freeze != "none"
         if growing and self.model.ffn == "dense":
             raise ConfigError("growth needs PEER or MoE layers, but model.ffn is 'dense'")
+        if self.model.ffn == "peer" and self.model.peer.query_norm == "batchnorm" and self.stream.block_len < 2:
+            # A micro-batch can be a single block; batch statistics of one token do not exist.
+            raise ConfigError("model.peer.query_norm 'batchnorm' needs stream.block_len >= 2 "
+                              "(or use layernorm, rmsnorm or none)")
         if self.growth.schedule != "none" and self.strategy.name in PER_PARAMETER_STRATEGIES:
             raise ConfigError(f"growth.schedule with strategy.name {self.strategy.name!r} is not supported: its "
                               "per-parameter importances do not follow a growing expert table")

@@ -34,6 +34,7 @@ from lifelong.growth import BOUNDARY_BLOCKS, GrowthPlugin, grow_layer, layer_inp
 from lifelong.loggers import CSVMetricLogger, ProgressPlugin
 from lifelong.metrics import DomainLossMetric, ExpertUsageMetric, TrainLossMetric
 from lifelong.model import LanguageModel
+from lifelong.plugins import TrainingDiverged
 from lifelong.plots import save_matrix_heatmap
 from lifelong.strategies import build_optimizer, build_strategy, load_strategy_state, strategy_state_dict
 from scenarios import DomainSpec, build_benchmark
@@ -176,11 +177,8 @@ class Run:
         }
         checkpoint.save(self.out_dir, self.model, state, keep=self.cfg.checkpoint.keep)
 
-    def restore(self, path: Path) -> None:
-        state = checkpoint.load_state(path)
-        if state.get("config") != self.cfg.to_dict():
-            raise checkpoint.CheckpointError(f"checkpoint {path} was written by a different configuration "
-                                             f"than {self.out_dir / CONFIG_FILE}")
+    def restore(self, path: Path, state: dict) -> None:
+        """Load checkpoint `path`, whose state `state` was read (and so validated) by `checkpoint.load_state`."""
         checkpoint.load_weights(path, self.model)
         self.model.to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -206,6 +204,13 @@ class Run:
         self._stage_usage = {}
 
     def execute(self) -> dict:
+        try:
+            return self._execute()
+        except TrainingDiverged as err:
+            err.run_dir = self.out_dir  # so the message can name the last good checkpoint
+            raise
+
+    def _execute(self) -> dict:
         p = self.progress
         if not p.stages:
             self._evaluate("init")
@@ -288,8 +293,13 @@ def resume(run_dir: str | Path, progress: bool | None = None, echo=print) -> dic
     path = checkpoint.latest(run_dir)
     if path is None:
         raise ConfigError(f"{run_dir} has no complete checkpoint to resume from")
+    # Validate before building anything, so a bad checkpoint leaves the run directory untouched.
+    state = checkpoint.load_state(path)
+    if state.get("config") != cfg.to_dict():
+        raise checkpoint.CheckpointError(f"checkpoint {path} was written by a different configuration "
+                                         f"than {run_dir / CONFIG_FILE}")
     session = Run(cfg, run_dir, progress, echo)
-    session.restore(path)
+    session.restore(path, state)
     echo(f"resuming from {path.name}: {len(session.progress.stages)} stages done "
          f"({', '.join(session.progress.stages)})")
     return session.execute()

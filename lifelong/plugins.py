@@ -240,3 +240,25 @@ class LMDistillPlugin(SupervisedPlugin):
         if saved != "model":
             teacher.load_state_dict(saved)
         self.teacher = teacher
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the run stops at its last good checkpoint."""
+
+
+class FiniteLossPlugin(SupervisedPlugin):
+    """Stop training the moment the loss is NaN or infinite, before it reaches the weights.
+
+    Checked before the backward pass, so the poisoned gradient is never applied
+    and the run's last checkpoint (written at the previous stage) stays good.
+    """
+
+    def before_backward(self, strategy, **kwargs) -> None:
+        if torch.isfinite(strategy.loss.detach()).all():
+            return
+        experience = strategy.experience
+        domain = getattr(experience, "domain", "?")
+        raise TrainingDiverged(
+            f"training diverged: the loss is {float(strategy.loss.detach())} at optimizer step "
+            f"{getattr(strategy, 'optimizer_steps', 0) + 1} of experience {experience.current_experience} "
+            f"({domain}); lower train.lr or raise train.warmup_steps")

@@ -59,6 +59,7 @@ from experts import PEER, MoE, ProductKeys, QueryNorm
 from lifelong.config import ConfigError, RunConfig
 from lifelong.plugins import (
     CumulativePlugin,
+    FiniteLossPlugin,
     GradClipPlugin,
     LMDistillPlugin,
     LMSynapticIntelligencePlugin,
@@ -347,7 +348,7 @@ def build_strategy(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Opti
     if not t.rewarm:
         schedule_total = total_steps if total_steps is not None else (
             lambda strategy: stream_steps(cfg, [len(exp.dataset) for exp in strategy.experience.origin_stream]))
-    plugins = list(plugins or []) + _strategy_plugins(cfg)
+    plugins = list(plugins or []) + _strategy_plugins(cfg) + [FiniteLossPlugin()]
     plugins.append(WarmupCosinePlugin(t.warmup_steps, t.min_lr_ratio, total_steps=schedule_total))
     if t.grad_clip > 0:
         plugins.append(GradClipPlugin(t.grad_clip))

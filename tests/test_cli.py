@@ -108,3 +108,72 @@ def test_bad_seeds(seeds, capsys, tmp_path):
     assert run_cli(["run", "--preset", "smoke", "--seeds", seeds, "--out", str(tmp_path / "r")]) == 2
     assert "--seeds" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    out = tmp_path / "nan"
+    code = cli.main(["run", "--preset", "smoke", "--out", str(out), "--no-progress",
+                     "--set", "train.lr=1e30", "--set", "train.grad_clip=0", "--set", "train.warmup_steps=0",
+                     "--set", "stream.train_tokens=4096"])
+    err = capsys.readouterr().err.strip()
+    assert code == 3
+    assert "training diverged" in err and "experience" in err and "optimizer step" in err
+    assert "the last good checkpoint is" in err and len(err.splitlines()) == 1
+    kept = sorted((out / "checkpoints").iterdir())
+    assert kept and not (out / "results.json").exists()
+
+
+def _one_line_exit_2(argv, capsys, *messages):
+    code = run_cli(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for message in messages:
+        assert message in err, err
+    return err
+
+
+def test_missing_data_path(tmp_path, capsys):
+    _one_line_exit_2(["run", "--preset", "smoke", "--out", str(tmp_path / "r"),
+                      "--set", "stream.domains=[{name: wiki, path: /nonexistent/wiki}]"],
+                     capsys, "wiki", "/nonexistent/wiki")
+
+
+def test_empty_domain(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    _one_line_exit_2(["run", "--preset", "smoke", "--out", str(tmp_path / "r"),
+                      "--set", f"stream.domains=[{{name: blank, path: {tmp_path / 'empty'}}}]"],
+                     capsys, "blank")
+
+
+def test_growth_on_a_model_without_expert_layers(tmp_path, capsys):
+    _one_line_exit_2(["run", "--preset", "smoke", "--out", str(tmp_path / "r"),
+                      "--set", "model.ffn=dense", "--set", "growth.schedule=boundary"],
+                     capsys, "growth needs PEER or MoE layers")
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    _one_line_exit_2(["run", "--resume", str(tmp_path)], capsys, "is not a run directory")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    _one_line_exit_2(["run", "--resume", str(tmp_path), "--set", "train.lr=1"], capsys, "drop --set")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_resume_from_a_damaged_checkpoint(smoke_run, tmp_path, capsys, damage):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke_run, run_dir)
+    (run_dir / "results.json").unlink()
+    (ckpt,) = (run_dir / "checkpoints").iterdir()
+    state = ckpt / "state.pt"
+    state.write_bytes(b"not a checkpoint" if damage == "garbage" else state.read_bytes()[:100])
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    _one_line_exit_2(["run", "--resume", str(run_dir)], capsys, "cannot be loaded safely", str(ckpt))
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before  # nothing in the run directory was touched
