@@ -1,0 +1,240 @@
+"""lifelong.plots on small hand-made runs: the numbers behind each figure, and what gets drawn."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from matplotlib.patches import Rectangle
+
+from lifelong import plots
+from lifelong.runs import Run
+
+LN2 = math.log(2)
+L = [[5.0, 5.0], [2.0, 4.0], [3.0, 1.0]]  # 2 domains: a forgets 1 nat, FWT to b is 1 nat
+
+
+def summary(scale: float = 1.0) -> dict:
+    """Section-7 figures of L, worked out by hand (forgetting_a = 3 - 2, BWT = 2 - 3, FWT = 5 - 4)."""
+    return {"forgetting": {"a": 1.0 * scale}, "forgetting_first_last": {"a": 1.0 * scale},
+            "bwt": -1.0 * scale, "fwt": 1.0 * scale, "final_average": 2.0 * scale, "plasticity": 1.5 * scale}
+
+
+def results(**extra) -> dict:
+    res = {"domains": ["a", "b"], "stages": ["init", "after:a", "after:b"], "loss_matrix": L,
+           "bpb_matrix": [[v / LN2 for v in row] for row in L], **summary(), "bpb_summary": summary(1 / LN2),
+           "num_experts": [4, 4, 6], "growth_events": [], "config": {}}
+    res.update(extra)
+    return res
+
+
+def expert_run(**extra) -> Run:
+    """A PEER-like layer "L": 2 x 2 grid (n2 = 2), one head, top-2; growth adds a row (ids 4, 5)
+    while learning b, so generation 1 first appears at stage 2."""
+    stats = {"num_experts": [4, 4, 6],
+             "usage": [[1.0, 1.0], [0.5, 0.75], [0.5, 0.5]], "unevenness": [[0.0, 0.0], [0.7, 0.3], [0.6, 0.9]],
+             "usage_all": [1.0, 0.75, 0.67], "unevenness_all": [0.0, 0.2, 0.4],
+             "overlap": [[[1, 1], [1, 1]], [[1, 0.5], [0.5, 1]], [[1, 0.25], [0.25, 1]]],
+             "top_experts": [[[0], [1]]] * 3}
+    fields = {"experts": {"L": stats}, "domain_info": [{"train_blocks": 32}, {"train_blocks": 30}],
+              "growth_events": [{"step": 8, "experience": 1, "domain": "b", "layer": "L", "reason": "boundary",
+                                 "init": "kmeans", "added": 2, "num_experts": 6, "output_change": 0.0}],
+              "config": {"train": {"batch_size": 4, "grad_accum": 1, "epochs": 1}, "strategy": {"name": "naive"},
+                         "model": {"ffn": "peer"}}}
+    res = results(**{**fields, **extra})
+    routes = [
+        {"a": [[[0, 1]], [[2, 3]]], "b": [[[0, 1]], [[0, 1]]]},
+        {"a": [[[1, 0]], [[2, 1]]], "b": [[[0, 1]], [[0, 1]]]},  # a: token 1 swapped expert 3 for 1
+        {"a": [[[4, 0]], [[2, 5]]], "b": [[[0, 1]], [[0, 1]]]},  # a: half the ids changed, both to new experts
+    ]
+    usage = [{"a": [[1, 1, 1, 1]], "b": [[1, 1, 1, 1]]}, {"a": [[1, 1, 0, 0]], "b": [[0, 1, 1, 2]]},
+             {"a": [[1, 1, 0, 0, 2, 0]], "b": [[0, 0, 0, 1, 0, 3]]}]
+    generation = [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 1, 1]]
+    keys1 = [np.arange(4, dtype=np.float32).reshape(1, 2, 2), np.arange(4, dtype=np.float32).reshape(1, 2, 2),
+             np.array([[[0, 0], [1, 0], [5, 5]]], np.float32)]
+    snapshots = []
+    for s in range(3):
+        snap = {"generation/L": np.array(generation[s]), "keys1/L": keys1[s],
+                "keys2/L": np.zeros((1, 2, 2), np.float32)}
+        for d in "ab":
+            snap[f"routes/L/{d}"] = np.array(routes[s][d], np.int32)
+            snap[f"usage/L/{d}"] = np.array(usage[s][d], np.float32)
+        snapshots.append(snap)
+    curves = {f"Curve/test_stream/{d}": ([4, 8, 12], [4.0, 3.0, 2.5]) for d in "ab"}
+    return Run.from_data(res, name="toy", metrics=curves, snapshots=snapshots)
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def bar_heights(ax, label: str) -> list[float]:
+    container = next(c for c in ax.containers if c.get_label() == label)
+    return [patch.get_height() for patch in container]
+
+
+def test_matrix_heatmap_annotates_every_cell_and_outlines_the_diagonal():
+    ax = plots.matrix_heatmap(results(), "loss_matrix")
+    texts = {t.get_text(): t.get_color() for t in ax.texts}
+    assert set(texts) == {"5.00", "2.00", "4.00", "3.00", "1.00"}
+    assert texts["5.00"] == "white" and texts["1.00"] == "black"  # dark cells (high loss) get white text
+    outlined = sorted(p.get_xy() for p in ax.patches if isinstance(p, Rectangle) and not p.get_fill())
+    assert outlined == [(-0.5, 0.5), (0.5, 1.5)]  # a right after stage 1, b right after stage 2
+    assert "nats/token" in ax.get_title()
+
+
+def test_matrix_heatmap_of_joint_training_outlines_nothing():
+    joint = results(stages=["init", "after:joint"], loss_matrix=L[::2], bpb_matrix=L[::2])
+    ax = plots.matrix_heatmap(joint)
+    assert not [p for p in ax.patches if isinstance(p, Rectangle) and not p.get_fill()]
+
+
+def test_save_matrix_heatmap_writes_a_png(tmp_path):
+    path = plots.save_matrix_heatmap(results(), tmp_path / "m.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_forgetting_bars_show_both_forms_in_the_chosen_unit():
+    ax = plots.forgetting_bars(results(), unit="nats")
+    assert bar_heights(ax, "final - best since learned") == [1.0]
+    assert bar_heights(ax, "final - just after learned (Avalanche)") == [1.0]
+    ax = plots.forgetting_bars(results(), unit="bpb")
+    assert bar_heights(ax, "final - best since learned") == [pytest.approx(1 / LN2)]
+
+
+def test_forgetting_and_transfer_bars_explain_joint_training_instead_of_failing():
+    joint = results(stages=["init", "after:joint"], loss_matrix=L[::2], bpb_matrix=L[::2], forgetting={},
+                    bwt=None, fwt=None, bpb_summary={"forgetting": {}, "bwt": None, "fwt": None})
+    assert "joint" in plots.forgetting_bars(joint).texts[0].get_text()
+    assert "not defined" in plots.transfer_bars(joint).texts[0].get_text()
+
+
+def test_transfer_components_average_to_the_metric_definitions():
+    from lifelong import metrics
+
+    matrix = np.random.default_rng(0).uniform(1, 5, size=(5, 4))
+    bwt, fwt = plots.transfer_components(matrix)
+    assert bwt[-1] is None and fwt[0] is None
+    assert np.mean(bwt[:-1]) == pytest.approx(metrics.backward_transfer(matrix))
+    assert np.mean(fwt[1:]) == pytest.approx(metrics.forward_transfer(matrix))
+    assert plots.transfer_components(matrix[:2]) == ([None] * 4, [None] * 4)  # joint: undefined
+
+
+def test_transfer_bars_draw_each_domains_terms():
+    ax = plots.transfer_bars(results(), unit="nats")
+    assert bar_heights(ax, "BWT term")[0] == -1.0 and np.isnan(bar_heights(ax, "BWT term")[1])
+    assert np.isnan(bar_heights(ax, "FWT term")[0]) and bar_heights(ax, "FWT term")[1] == 1.0
+
+
+def test_summary_bars_compare_runs():
+    better = results(bpb_summary={**summary(1 / LN2), "bwt": 0.5, "forgetting": {"a": -0.2}})
+    ax = plots.summary_bars({"base": results(), "better": better})
+    assert bar_heights(ax, "BWT") == [pytest.approx(-1 / LN2), 0.5]
+    assert bar_heights(ax, "max forgetting") == [pytest.approx(1 / LN2), -0.2]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["base", "better"]
+
+
+def test_compare_matrices_share_one_colour_scale():
+    other = results(bpb_matrix=[[2 * v for v in row] for row in results()["bpb_matrix"]])
+    fig = plots.compare_matrices([("x", results()), ("y", other)])
+    heatmaps = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in heatmaps] == ["x", "y"]
+    assert [ax.images[0].get_clim() for ax in heatmaps] == [pytest.approx((1 / LN2, 10 / LN2))] * 2
+    assert len(fig.axes) == 3  # two matrices, one colour bar
+
+
+def test_learning_curves_mark_boundaries_growth_and_stage_evaluations():
+    run = expert_run()
+    ax = plots.learning_curves(run)
+    curve = next(line for line in ax.lines if line.get_label() == "a")
+    assert list(curve.get_xdata()) == [4, 8, 12]
+    dots = [line for line in ax.lines if line.get_marker() == "o"]
+    assert [list(d.get_xdata()) for d in dots] == [[0, 8, 16]] * 2  # stage evals at 0 and after 32/4, 30/4 steps
+    vertical = [(line.get_xdata()[0], line.get_linestyle()) for line in ax.lines
+                if line.get_xdata()[0] == line.get_xdata()[-1] and len(line.get_xdata()) == 2]
+    assert sorted(vertical) == [(8, "--"), (8, ":")]  # the boundary after a, and the growth there
+    assert "a" in [t.get_text() for t in ax.texts] and " +2" in [t.get_text() for t in ax.texts]
+
+
+def test_learning_curves_without_curves_or_step_counts_use_stage_indices():
+    run = Run.from_data(results())
+    ax = plots.learning_curves(run)
+    assert [list(line.get_xdata()) for line in ax.lines] == [[0, 1, 2]] * 2
+    assert "stage evaluations only" in ax.get_title()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["init", "after:a", "after:b"]
+
+
+def test_learning_curves_with_curves_but_unknown_steps_leave_stages_out():
+    run = expert_run(domain_info=[])  # no train_blocks: boundaries unknown
+    ax = plots.learning_curves(run)
+    assert [line.get_label() for line in ax.lines if line.get_linestyle() == "-"] == ["a", "b"]
+    assert not [line for line in ax.lines if line.get_marker() == "o"]
+    assert "no stage evaluations" in ax.get_title() and ax.get_xlabel() == "optimizer step"
+
+
+def test_expert_bin_usage_normalises_rows_and_respects_breaks():
+    usage = {"a": np.array([[1, 1, 0, 0, 2, 0]]), "b": np.array([[0, 0, 0, 1, 0, 3]]), "c": np.zeros((1, 6))}
+    share, edges = plots.expert_bin_usage(usage, bins=2, breaks=[4])
+    assert edges.tolist() == [0, 3, 4, 6]
+    assert share.tolist() == [[0.5, 0.0, 0.5], [0.0, 0.25, 0.75], [0.0, 0.0, 0.0]]
+
+
+def test_traffic_by_generation_and_later_share():
+    run = expert_run()
+    gens, share = plots.traffic_by_generation(run, "L", stage=2)
+    assert gens == [0, 1] and share.tolist() == [[0.5, 0.5], [0.25, 0.75]]
+    later = plots.later_traffic_share(run, "L")
+    # only a has a later domain (b), whose experts exist from stage 2 on
+    assert np.isnan(later[:2]).all() and later[2, 0] == 0.5 and np.isnan(later[2, 1])
+
+
+def test_routing_drift_counts_changed_and_new_ids():
+    drift = plots.routing_drift(expert_run(), "L")
+    assert drift["changed"][:, 0].tolist() == [0.25, 0.5]
+    assert drift["to_new"][:, 0].tolist() == [0.0, 0.5]
+    assert drift["changed"][:, 1].tolist() == [0.0, 0.0]  # b's routes never moved
+
+
+def test_drift_plot_shows_only_domains_already_learned():
+    ax = plots.drift_plot(expert_run(), "L")
+    assert sorted(line.get_label() for line in ax.lines) == ["a: changed", "a: to new experts"]
+    assert list(ax.lines[0].get_xdata()) == [2]  # a is old only from stage 1 to stage 2
+
+
+def test_subkey_points_of_peer_rows_and_moe_routers():
+    run = expert_run()
+    points, generation, what = plots.subkey_points(run, "L", stage=2)
+    assert points.shape == (3, 2) and generation.tolist() == [0, 0, 1] and "sub-key" in what
+    moe = Run.from_data(results(), snapshots=[{"generation/M": np.array([0, 0, 1]),
+                                               "router/M": np.eye(3, 4, dtype=np.float32)}])
+    points, generation, what = plots.subkey_points(moe, "M", stage=0)
+    assert points.shape == (3, 4) and generation.tolist() == [0, 0, 1] and "router" in what
+
+
+def test_subkey_pca_colours_by_generation():
+    ax = plots.subkey_pca(expert_run(), "L", stage=2)
+    labels = [c.get_label() for c in ax.collections]
+    assert labels == ["original", "g1: added for b"]
+    assert [len(c.get_offsets()) for c in ax.collections] == [2, 1]
+
+
+def test_expert_figures_draw_from_results_and_snapshots():
+    run = expert_run()
+    fig = plots.usage_by_stage(run, "L")
+    assert [line.get_ydata().tolist() for line in fig.axes[0].lines][:2] == [[1.0, 0.5, 0.5], [1.0, 0.75, 0.5]]
+    ax = plots.domain_expert_heatmap(run, "L", stage=2, bins=3)
+    assert [t.get_text() for t in ax.texts] == ["g1"]
+    ax = plots.overlap_heatmap(run, "L", stage=-1)
+    assert [t.get_text() for t in ax.texts] == ["1.00", "0.25", "0.25", "1.00"]
+    fig = plots.generation_traffic(run, "L")
+    assert [p.get_height() for p in fig.axes[0].containers[1]] == [0.5, 0.75]  # the g1 layer of the stack
+
+
+def test_generation_traffic_refuses_joint_training():
+    run = expert_run(stages=["init", "after:joint"])
+    with pytest.raises(ValueError, match="joint"):
+        plots.generation_traffic(run, "L")

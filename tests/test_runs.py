@@ -1,0 +1,172 @@
+"""lifelong.runs: finding run directories and reading what a run wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from lifelong import runs
+from lifelong.runs import Run, experience_steps, expert_layers, find_runs, load_run, load_runs
+
+DOMAINS = ["a", "b"]
+
+
+def make_run(path, *, experts: bool = True, snapshots: bool = True, **extra):
+    """A minimal finished run directory: results.json, run_info.json, metrics.csv, snapshots/."""
+    path.mkdir(parents=True)
+    results = {"domains": DOMAINS, "stages": ["init", "after:a", "after:b"],
+               "loss_matrix": [[5, 5], [2, 4], [3, 1]], "bpb_matrix": [[5, 5], [2, 4], [3, 1]],
+               "experts": {"L": {"num_experts": [2, 2, 4]}} if experts else {}, "growth_events": [],
+               "config": {"model": {"ffn": "peer" if experts else "dense"}, "strategy": {"name": "naive"},
+                          "growth": {"schedule": "none"},
+                          "train": {"batch_size": 8, "grad_accum": 1, "epochs": 1}},
+               "domain_info": [{"train_blocks": 16}, {"train_blocks": 20}], **extra}
+    (path / "results.json").write_text(json.dumps(results))
+    (path / "run_info.json").write_text(json.dumps({"wall_time_s": 1.5}))
+    (path / "metrics.csv").write_text(
+        "name,x,value\n"
+        "Curve/test_stream/b,4,2.0\nCurve/test_stream/a,4,3.0\nCurve/test_stream/a,2,4.0\n"
+        "Loss_MB/train_phase/train_stream,10,1.5\nCurve/test_stream/a,6")  # torn last line
+    if snapshots:
+        (path / "snapshots").mkdir()
+        for stage, gen in enumerate([[0, 0], [0, 0], [0, 0, 1, 1]]):
+            tensors = {"generation/L": np.array(gen, np.int64)} if experts else {}
+            if experts:
+                tensors.update({f"usage/L/{d}": np.ones((1, len(gen)), np.float32) for d in DOMAINS})
+                tensors.update({f"routes/L/{d}": np.zeros((3, 1, 2), np.int32) for d in DOMAINS})
+            save_file(tensors, str(path / "snapshots" / f"stage-{stage:02d}.safetensors"))
+    return path
+
+
+def test_find_runs_reads_comma_separated_dirs_from_the_environment(tmp_path, monkeypatch):
+    one, two = make_run(tmp_path / "one"), make_run(tmp_path / "two")
+    monkeypatch.setenv("LIFELONG_RUN", f"{one}, {two},")
+    assert find_runs() == [one, two]
+    assert find_runs(str(two)) == [two] and find_runs([one]) == [one]  # an explicit spec wins
+
+
+def test_find_runs_names_what_is_not_a_run(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty is not a run directory"):
+        find_runs(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="missing: no such directory"):
+        find_runs(f"{make_run(tmp_path / 'ok')},{tmp_path / 'missing'}")
+
+
+def test_find_runs_defaults_to_the_newest_run_under_runs(tmp_path, monkeypatch):
+    old, new = make_run(tmp_path / "runs" / "old"), make_run(tmp_path / "runs" / "group" / "new")
+    os.utime(old / "results.json", (1000, 1000))
+    os.utime(new / "results.json", (2000, 2000))
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")  # a notebook's working directory: runs/ is one up
+    monkeypatch.setenv("LIFELONG_RUN", "")
+    assert find_runs() == [tmp_path / "runs" / "group" / "new"]
+    os.utime(old / "results.json", (3000, 3000))
+    assert find_runs(root=tmp_path / "runs") == [old]
+
+
+def test_find_runs_without_any_run_says_how_to_get_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIFELONG_RUN", raising=False)
+    with pytest.raises(ValueError, match="LIFELONG_RUN"):
+        find_runs()
+
+
+def test_load_run_reads_results_info_metrics_and_curves(tmp_path):
+    run = load_run(make_run(tmp_path / "r"))
+    assert run.name == "r" and run.domains == DOMAINS and run.run_info["wall_time_s"] == 1.5
+    assert run.strategy == "naive" and run.ffn == "peer" and run.layers == ["L"] and not run.is_joint
+    curves = run.curves()
+    assert list(curves) == ["a", "b"]  # stream order, not file order
+    assert curves["a"][0].tolist() == [2, 4] and curves["a"][1].tolist() == [4.0, 3.0]  # sorted by step
+    assert run.metric("Loss_MB/train_phase/train_stream")[1].tolist() == [1.5]
+    assert run.metric("absent")[0].size == 0
+
+
+def test_snapshots_give_usage_routes_and_generations(tmp_path):
+    run = load_run(make_run(tmp_path / "r"))
+    assert run.has_snapshots
+    assert run.usage("L", -1)["a"].shape == (1, 4) and run.routes("L", 0)["b"].shape == (3, 1, 2)
+    assert run.generation("L", 1).tolist() == [0, 0]
+    assert run.generation_stage("L") == {0: 0, 1: 2}
+    assert run.has_growth("L")
+    assert sorted(run.snapshot(0)) == ["generation/L", "routes/L/a", "routes/L/b", "usage/L/a", "usage/L/b"]
+    with pytest.raises(KeyError, match="keys1/L"):
+        run.snapshot(0)["keys1/L"]
+    with pytest.raises(IndexError, match="stage 3 out of range"):
+        run.snapshot(3)
+
+
+def test_a_run_without_snapshots_says_so(tmp_path):
+    run = load_run(make_run(tmp_path / "r", snapshots=False))
+    assert not run.has_snapshots
+    with pytest.raises(ValueError, match="no snapshot for stage 0"):
+        run.snapshot(0)
+
+
+def test_experience_steps_follow_the_strategy():
+    base = {"config": {"train": {"batch_size": 8, "grad_accum": 2, "epochs": 2}, "strategy": {"name": "naive"}},
+            "domain_info": [{"train_blocks": 16}, {"train_blocks": 21}]}
+    # micro-batches of 4 blocks: ceil(16/4)=4 -> 2 steps, ceil(21/4)=6 -> 3 steps; x2 epochs
+    assert experience_steps(base) == [4, 6]
+    cumulative = {**base, "config": {**base["config"], "strategy": {"name": "cumulative"}}}
+    assert experience_steps(cumulative) == [4, 10]  # 37 blocks -> 10 micro-batches -> 5 steps x2
+    joint = {**base, "config": {**base["config"], "strategy": {"name": "joint"}}}
+    assert experience_steps(joint) == [10]
+    assert experience_steps({**base, "experience_steps": [7, 9]}) == [7, 9]  # recorded by the run
+    assert experience_steps({"config": {}, "domain_info": []}) is None
+
+
+@pytest.mark.parametrize("blocks,batch,accum,epochs", [(256, 16, 1, 1), (37, 8, 2, 2), (5, 16, 4, 3), (64, 6, 3, 1)])
+def test_steps_per_experience_matches_the_training_loop_rule(blocks, batch, accum, epochs):
+    from lifelong.plugins import steps_per_experience
+
+    cfg = SimpleNamespace(train=SimpleNamespace(batch_size=batch, grad_accum=accum, epochs=epochs))
+    assert runs.steps_per_experience(blocks, vars(cfg.train)) == steps_per_experience(blocks, cfg)
+
+
+@pytest.mark.parametrize("strategy", ["naive", "cumulative", "joint"])
+def test_experience_steps_sum_to_the_strategies_stream_steps(strategy):
+    from lifelong.config import resolve
+    from lifelong.strategies import stream_steps
+
+    cfg = resolve("smoke", overrides=[f"strategy.name={strategy}", "train.grad_accum=2", "train.epochs=2"])
+    blocks = [37, 16, 50]
+    results = {"config": cfg.to_dict(), "domain_info": [{"train_blocks": b} for b in blocks]}
+    assert sum(experience_steps(results)) == stream_steps(cfg, blocks)
+
+
+def test_expert_layers_skips_and_explains(tmp_path):
+    dense = load_run(make_run(tmp_path / "dense", experts=False))
+    bare = load_run(make_run(tmp_path / "bare", snapshots=False))
+    grown = load_run(make_run(tmp_path / "grown"))
+    seeds = load_run(make_run(tmp_path / "agg", experts=False, snapshots=False, seeds=[0, 1]))
+    messages = []
+    assert list(expert_layers([dense, bare, grown, seeds], echo=messages.append)) == [(grown, "L")]
+    assert "dense has no PEER or MoE layer (model.ffn = 'dense')" in messages[0]
+    assert "bare: no snapshots/" in messages[1]
+    assert "agg aggregates seeds [0, 1]" in messages[2]
+    # figures drawn from results.json alone (usage, overlap) do not need snapshots
+    assert list(expert_layers([bare], need_snapshots=False, echo=messages.append)) == [(bare, "L")]
+
+
+def test_expert_layers_needing_growth_skips_runs_without_it():
+    snapshot = {"generation/L": np.zeros(2, np.int64)}
+    run = Run.from_data({"domains": DOMAINS, "stages": ["init"], "experts": {"L": {}},
+                         "config": {"growth": {"schedule": "none"}}}, name="flat", snapshots=[snapshot])
+    messages = []
+    assert list(expert_layers([run], echo=messages.append)) == [(run, "L")]
+    assert list(expert_layers([run], need_growth=True, echo=messages.append)) == []
+    assert messages == ["flat L: no growth in this run (growth.schedule = 'none'): every expert is original"]
+
+
+def test_load_runs_gives_unique_names(tmp_path):
+    one = make_run(tmp_path / "x" / "run")
+    two = make_run(tmp_path / "y" / "run")
+    seed = make_run(tmp_path / "multi" / "seed-3")
+    assert [r.name for r in load_runs([one, two, seed])] == ["run", "run (2)", "multi/seed-3"]
