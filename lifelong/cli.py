@@ -1,4 +1,4 @@
-"""`lifelong run | grow | flops`: the command line.
+"""`lifelong run | grow | report | flops`: the command line.
 
 Mistakes in what the user gave (config keys and values, presets, paths, data)
 end with one line on stderr naming the problem and exit status 2; nothing
@@ -18,7 +18,8 @@ from lifelong.config import ConfigError, available_presets, resolve
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
-RUN_FILES = ("config.yaml", "results.json", "run_info.json", "seeds.json", "metrics.csv", "bpb_matrix.png", "tb", "checkpoints", "snapshots")
+RUN_FILES = ("config.yaml", "results.json", "run_info.json", "seeds.json", "metrics.csv", "bpb_matrix.png", "tb",
+             "checkpoints", "snapshots")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("--init", choices=("random", "copy", "kmeans"), default="kmeans",
                       help="placement of new PEER sub-keys (default kmeans: centres of the next domain's queries)")
     grow.add_argument("--layer", action="append", metavar="NAME", help="only this layer, e.g. blocks.2.ffn")
+
+    report = sub.add_parser("report", help="compare finished runs: one table, and their matrices side by side")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    report.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    report.add_argument("--png", metavar="FILE", help="also save the runs' bpb matrices side by side")
 
     flops = sub.add_parser("flops", help="FLOPs and parameters per token of a configured model")
     _config_args(flops)
@@ -135,6 +142,16 @@ def cmd_grow(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from lifelong.report import main_report
+
+    try:
+        print(main_report(args.runs, markdown=args.markdown, csv_path=args.csv, png_path=args.png))
+    except ValueError as err:  # a path that is not a finished run
+        raise ConfigError(str(err)) from None
+    return 0
+
+
 def cmd_flops(args) -> int:
     from lifelong.experiment import build_model
     from scenarios import get_tokenizer
@@ -164,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     from lifelong.plugins import TrainingDiverged
 
     try:
-        handler = {"run": cmd_run, "grow": cmd_grow, "flops": cmd_flops}[args.command]
+        handler = {"run": cmd_run, "grow": cmd_grow, "report": cmd_report, "flops": cmd_flops}[args.command]
         return handler(args)
     except (ConfigError, StreamError, CheckpointError) as err:
         print(f"lifelong: error: {err}", file=sys.stderr)

@@ -45,10 +45,10 @@ class StreamConfig:
     preset: str = "builtin"
     """Named domain list from `scenarios.PRESETS`; ignored when `domains` is given."""
     domains: list[dict] = field(default_factory=list)
-    """Explicit domains, e.g. `{name: wiki, path: data/wiki}` or `{name: code, hf: ..., text_field: content}`."""
+    """Explicit domains, e.g. `{name: wiki, path: data/wiki}` or `{name: code, hf: ..., text_field: text}`."""
     block_len: int = 128
     """Tokens per training/evaluation block (the model's context length)."""
-    train_tokens: int = 200_000
+    train_tokens: int = 300_000
     """Train-split token budget per domain."""
     test_tokens: int = 20_000
     """Test-split token budget per domain."""
@@ -69,7 +69,8 @@ class StreamConfig:
         _check_choice("stream", "order", self.order, ("given", "shuffle"))
         for i, domain in enumerate(self.domains):
             if not isinstance(domain, dict):
-                raise ConfigError(f"stream.domains[{i}] must be a mapping like {{name: wiki, path: data/wiki}}, got {domain!r}")
+                raise ConfigError(f"stream.domains[{i}] must be a mapping like {{name: wiki, path: data/wiki}}, "
+                                  f"got {domain!r}")
 
 
 @dataclass
@@ -187,19 +188,19 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation of each experience."""
 
-    batch_size: int = 32
+    batch_size: int = 16
     """Blocks per optimizer step (split into `grad_accum` micro-batches)."""
     grad_accum: int = 1
     """Micro-batches whose gradients are summed before each optimizer step."""
     epochs: int = 1
     """Passes over each experience's train split."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak AdamW learning rate."""
     expert_lr_mult: float = 1.0
     """Learning-rate multiplier of PEER sub-keys and expert tables (their own parameter group)."""
     weight_decay: float = 0.1
     """On matrices only; never on embeddings, norms, biases, PEER sub-keys or expert tables."""
-    warmup_steps: int = 50
+    warmup_steps: int = 20
     """Linear warmup at the start of every experience (or of the stream, see `rewarm`)."""
     min_lr_ratio: float = 0.1
     """Cosine decay floor as a fraction of lr."""

@@ -106,6 +106,7 @@ class Progress:
     bpb_rows: list[list[float]] = field(default_factory=list)
     num_experts: list[int] = field(default_factory=list)
     expert_stats: list[dict] = field(default_factory=list)
+    experience_steps: list[int] = field(default_factory=list)  # optimizer steps taken in each experience
     eval_seconds: float = 0.0
     elapsed_seconds: float = 0.0
 
@@ -221,12 +222,14 @@ class Run:
             # The upper bound: one model trained on the union of every domain, evaluated once.
             if p.next_experience == 0:
                 self.strategy.train(self.bench.train_stream)
+                p.experience_steps.append(self.strategy.optimizer_steps - sum(p.experience_steps))
                 self._evaluate("after:joint")
                 p.next_experience = len(experiences)
                 self.echo(f"{'after:joint':>16}: mean {np.mean(p.bpb_rows[-1]):.3f} bpb")
                 self.save()
         for experience in experiences[p.next_experience:]:
             self.strategy.train(experience)
+            p.experience_steps.append(self.strategy.optimizer_steps - sum(p.experience_steps))
             self._evaluate(f"after:{experience.domain}")
             p.next_experience += 1
             own = p.bpb_rows[-1][experience.current_experience]
@@ -246,6 +249,7 @@ class Run:
             # Whether a domain came from the cache says nothing about the results: leave it out.
             domain_info=[{k: v for k, v in info.items() if k not in ("cache_file", "cached")}
                          for info in self.bench.domain_info],
+            experience_steps=p.experience_steps,
             experts=_per_layer(p.expert_stats),
             growth_events=sorted(self.manual_growth + (self.growth.events if self.growth else []),
                                  key=lambda e: (e["step"], e["layer"])),

@@ -157,7 +157,9 @@ class GrowthPlugin(SupervisedPlugin):
                 continue
             x = inputs.get(name)
             usage = usage_of(layer, x) if x is not None and self.cfg.init == "copy" else None
-            init = self.cfg.init if x is not None or self.cfg.init != "kmeans" else "random"
+            # MoE has no key placement; k-means needs inputs (none before the first recorded batch).
+            peer = isinstance(layer, PEER)
+            init = self.cfg.init if peer and (x is not None or self.cfg.init != "kmeans") else "random"
             old = layer.num_experts
             ids, change = grow_layer(layer, self.cfg.experts, strategy.optimizer, self.cfg.warmup_steps,
                                      init, x, usage)

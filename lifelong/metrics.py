@@ -292,8 +292,9 @@ class ExpertUsageMetric(PluginMetric[dict]):
             }
             counts[name] = {self.domains[j]: per_domain[j].counts.float() for j in order}
             x = self.stage
-            values.append(MetricValue(self, f"ExpertUsage_Stream/eval_phase/test_stream/{name}", stats[name]["usage_all"], x))
-            values.append(MetricValue(self, f"ExpertKL_Stream/eval_phase/test_stream/{name}", stats[name]["unevenness_all"], x))
+            where = f"eval_phase/test_stream/{name}"
+            values.append(MetricValue(self, f"ExpertUsage_Stream/{where}", stats[name]["usage_all"], x))
+            values.append(MetricValue(self, f"ExpertKL_Stream/{where}", stats[name]["unevenness_all"], x))
         if self.on_stage is not None:
             self.on_stage(stats, counts)
         self.stage += 1

@@ -177,3 +177,62 @@ def test_resume_from_a_damaged_checkpoint(smoke_run, tmp_path, capsys, damage):
     _one_line_exit_2(["run", "--resume", str(run_dir)], capsys, "cannot be loaded safely", str(ckpt))
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert after == before  # nothing in the run directory was touched
+
+
+STRATEGIES = ["naive", "replay", "ewc", "si", "mas", "agem", "cumulative", "joint", "distill"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_completes_the_smoke_preset(strategy, tmp_path):
+    out = tmp_path / strategy
+    assert cli.main(["run", "--preset", "smoke", "--out", str(out), "--no-progress",
+                     "--set", f"strategy.name={strategy}", "--set", "stream.train_tokens=4096",
+                     "--set", "stream.test_tokens=2048"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    L = res["loss_matrix"]
+    if strategy == "joint":
+        assert res["stages"] == ["init", "after:joint"] and res["bwt"] is None
+        assert res["final_average"] == pytest.approx(sum(L[1]) / len(L[1]))
+    else:
+        assert res["forgetting"] == pytest.approx(dict(zip(res["domains"], metrics.forgetting(L))))
+        assert res["bwt"] == pytest.approx(metrics.backward_transfer(L))
+        assert res["fwt"] == pytest.approx(metrics.forward_transfer(L))
+    assert res["config"]["strategy"]["name"] == strategy
+
+
+def test_moe_runs_log_balance_z_loss_and_dropped_fraction(tmp_path):
+    out = tmp_path / "moe"
+    assert cli.main(["run", "--preset", "smoke", "--out", str(out), "--no-progress", "--set", "model.ffn=moe",
+                     "--set", "model.moe.capacity_factor=1.0", "--set", "stream.train_tokens=8192"]) == 0
+    names = {line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]}
+    for key in ("balance_loss", "z_loss", "dropped_fraction"):
+        assert f"Aux_MB/train_phase/blocks.1.ffn/{key}" in names
+    res = json.loads((out / "results.json").read_text())
+    assert res["experts"]["blocks.1.ffn"]["num_experts"][-1] == 8
+
+
+def test_unparsable_config_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {lr: [1,\n")
+    assert run_cli(["run", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not valid YAML" in err and str(bad) in err and len(err.splitlines()) == 1
+
+
+def test_report_compares_runs(smoke_run, tmp_path, capsys):
+    csv_path, png = tmp_path / "r.csv", tmp_path / "r.png"
+    assert cli.main(["report", str(smoke_run), str(smoke_run), "--markdown", "--csv", str(csv_path),
+                     "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| ") > 4 and "BWT" in out
+    assert csv_path.read_text().count("\n") == 3 and png.stat().st_size > 0
+
+
+def test_report_of_a_directory_that_is_not_a_run(tmp_path, capsys):
+    _one_line_exit_2(["report", str(tmp_path)], capsys, "not a run directory")
+
+
+def test_results_record_optimizer_steps_per_experience(smoke_run):
+    res = json.loads((smoke_run / "results.json").read_text())
+    steps = res["experience_steps"]  # optimizer steps of each experience: 256 blocks / 16 per step
+    assert steps == [16, 16, 16, 16]
