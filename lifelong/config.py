@@ -355,6 +355,19 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where metric values go besides metrics.csv and TensorBoard (always written)."""
+
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the `wandb` package; WANDB_MODE=offline works without network)."""
+    wandb_project: str = "lifelong-experts"
+
+    def __post_init__(self) -> None:
+        if not self.wandb_project.strip():
+            raise ConfigError("log.wandb_project must not be empty")
+
+
+@dataclass
 class CheckpointConfig:
     """Crash-safe checkpoints, written after every stage (before training and after each experience)."""
 
@@ -376,6 +389,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:

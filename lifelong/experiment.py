@@ -31,7 +31,7 @@ from lifelong import checkpoint, snapshots
 from lifelong import results as results_io
 from lifelong.config import ConfigError, RunConfig, dump_yaml, from_dict
 from lifelong.growth import BOUNDARY_BLOCKS, GrowthPlugin, grow_layer, layer_inputs
-from lifelong.loggers import CSVMetricLogger, ProgressPlugin
+from lifelong.loggers import CSVMetricLogger, ProgressPlugin, wandb_logger
 from lifelong.metrics import DomainLossMetric, ExpertUsageMetric, TrainLossMetric
 from lifelong.model import LanguageModel
 from lifelong.plugins import TrainingDiverged
@@ -137,8 +137,11 @@ class Run:
                                             on_stage=self._record_stage)
         self.train_loss = TrainLossMetric(every=10, aux_metrics=_aux_metrics(self.model))
         self.expert_usage = ExpertUsageMetric(self.model.expert_layers, self.domains, on_stage=self._record_usage)
-        evaluator = EvaluationPlugin(self.domain_loss, self.train_loss, self.expert_usage,
-                                     loggers=[self.csv_logger, self.tb_logger])
+        loggers = [self.csv_logger, self.tb_logger]
+        self.wandb = wandb_logger(cfg.log.wandb_project, out_dir, cfg.to_dict()) if cfg.log.wandb else None
+        if self.wandb is not None:
+            loggers.append(self.wandb)
+        evaluator = EvaluationPlugin(self.domain_loss, self.train_loss, self.expert_usage, loggers=loggers)
         plugins = [ProgressPlugin(self.domains, enabled=progress_bars)]
         self.probes = snapshots.probe_blocks(self.bench.test_stream)
         self._stage_usage: dict = {}
@@ -240,6 +243,8 @@ class Run:
     def finish(self) -> dict:
         self.csv_logger.close()
         self.tb_logger.writer.flush()
+        if self.wandb is not None:
+            self.wandb.close()
         p = self.progress
         p.elapsed_seconds += time.perf_counter() - self.started
         self.started = time.perf_counter()

@@ -96,3 +96,47 @@ class ProgressPlugin(SupervisedPlugin):
 
     def after_eval_exp(self, strategy, **kwargs) -> None:
         self._close()
+
+
+class WandBMetricLogger(BaseLogger):
+    """Sends every scalar metric value to a Weights & Biases run.
+
+    Avalanche 0.6's WandBLogger calls `wandb.util.generate_id`, which current wandb releases no
+    longer have, so the harness keeps this small logger. Values indexed by stage (`*_Exp/...`,
+    `*_Stream/...`) are plotted against `stage`, all others against the optimizer `step`, using
+    W&B step metrics so both x axes stay right.
+    """
+
+    def __init__(self, project: str, run_dir: Path, config: dict):
+        super().__init__()
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(project=project, name=Path(run_dir).name, config=config, dir=str(run_dir),
+                              reinit="finish_previous")
+        self.run.define_metric("stage")
+        self.run.define_metric("step")
+        self._axes: dict[str, str] = {}
+
+    def log_single_metric(self, name, value, x_plot) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        axis = self._axes.get(name)
+        if axis is None:
+            axis = self._axes[name] = "stage" if ("_Exp/" in name or "_Stream/" in name) else "step"
+            self.run.define_metric(name, step_metric=axis)
+        self.run.log({name: float(value), axis: x_plot})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def wandb_logger(project: str, run_dir: Path, config: dict) -> BaseLogger:
+    """A Weights & Biases logger named after the run directory; a clear error without wandb."""
+    import importlib.util
+
+    from lifelong.config import ConfigError
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb is true but the 'wandb' package is not installed (pip install wandb)")
+    return WandBMetricLogger(project, Path(run_dir), config)

@@ -236,3 +236,23 @@ def test_results_record_optimizer_steps_per_experience(smoke_run):
     res = json.loads((smoke_run / "results.json").read_text())
     steps = res["experience_steps"]  # optimizer steps of each experience: 256 blocks / 16 per step
     assert steps == [16, 16, 16, 16]
+
+
+def test_wandb_logging_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")  # installed with avalanche-lib
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wb"
+    assert cli.main(["run", "--preset", "smoke", "--out", str(out), "--no-progress", "--set", "log.wandb=true",
+                     "--set", "stream.train_tokens=2048", "--set", "stream.test_tokens=1024"]) == 0
+    (offline,) = (out / "wandb").glob("offline-run-*")
+    assert any(offline.glob("*.wandb"))  # the run's logged history, to `wandb sync` later
+
+
+def test_wandb_without_the_package_is_refused(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    _one_line_exit_2(["run", "--preset", "smoke", "--out", str(tmp_path / "r"), "--set", "log.wandb=true"],
+                     capsys, "'wandb' package is not installed")

@@ -116,3 +116,17 @@ def test_input_recorder_keeps_a_bounded_window_of_training_inputs():
     assert torch.equal(recorder.get("l"), kept)  # eval forwards are not recorded
     recorder.clear()
     assert recorder.get("l") is None
+
+
+def test_a_run_resumed_after_growth_continues_identically(tmp_path):
+    settings = ["growth.schedule=boundary", "growth.experts=16", "growth.warmup_steps=3", "checkpoint.keep=5"]
+    full = run(tmp_path / "full", *settings)
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    for name in ("ckpt-000003", "ckpt-000004"):  # keep the checkpoint after experience 1 (one growth done)
+        shutil.rmtree(cut / "checkpoints" / name)
+    (cut / "results.json").unlink()
+    resumed = experiment.resume(cut, progress=False, echo=quiet)
+    assert resumed["loss_matrix"] == full["loss_matrix"]
+    assert resumed["growth_events"] == full["growth_events"] and len(full["growth_events"]) == 3
+    assert resumed["num_experts"] == full["num_experts"] == [256, 256, 272, 288, 304]
