@@ -13,32 +13,16 @@ import experts
 from experts import PEER, MoE, UsageCounter
 from experts.growth import kmeans
 from experts.peer import QUERY_NORMS, SCORES
+from helpers import randomize_peer_
 
 TOL = 1e-6  # DESIGN.md section 5: outputs before and after growth, float32
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is fastest and immune to oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_peer(grid=(4, 4), heads=2, top_k=2, key_dim=4, dim=8, seed=0, **kw):
     """A float32 PEER with randomised norm affine, BN running stats and score offsets."""
     torch.manual_seed(seed)
     layer = PEER(dim=dim, num_experts=grid, heads=heads, top_k=top_k, key_dim=key_dim, **kw)
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if name.startswith("norm."):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.3 * torch.randn_like(p))
-        if layer.query_norm == "batchnorm":
-            layer.norm.bn.running_mean.normal_(0.0, 0.3)
-            layer.norm.bn.running_var.uniform_(0.5, 2.0)
-        layer.codebooks.offset1.normal_(0.0, 0.3)
-    return layer
+    return randomize_peer_(layer)
 
 
 def teacher(dim, seed=1):

@@ -8,6 +8,7 @@ from torch.func import functional_call
 import experts.product_keys as pk
 from experts import PEER, DenseFFN
 from experts.peer import QUERY_NORMS, SCORES, parse_grid
+from helpers import randomize_peer_
 
 ACTS = ("gelu", "relu")
 
@@ -17,15 +18,7 @@ def tiny_peer(grid=(4, 5), heads=2, top_k=3, key_dim=4, dim=6, seed=0, **kw):
     offsets) is randomised, so no component can hide behind an identity init."""
     torch.manual_seed(seed)
     layer = PEER(dim=dim, num_experts=grid, heads=heads, top_k=top_k, key_dim=key_dim, **kw).double()
-    with torch.no_grad():
-        for name, p in layer.named_parameters():
-            if name.startswith("norm."):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.3 * torch.randn_like(p))
-        if layer.query_norm == "batchnorm":
-            layer.norm.bn.running_mean.normal_(0.0, 0.3)
-            layer.norm.bn.running_var.uniform_(0.5, 2.0)
-        layer.codebooks.offset1.normal_(0.0, 0.3)
-    return layer
+    return randomize_peer_(layer)
 
 
 def reference_output(layer, x):

@@ -38,14 +38,6 @@ def test_no_warmup():
 # ---- plugins on a real strategy -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def bench():
     """Two real-text domains of 32 train blocks each."""

@@ -28,15 +28,6 @@ from scenarios import PRESETS, build_benchmark
 BLOCK = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest, and least disturbed by other processes, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def bench():
     """Two real-text domains, 32 train blocks (4 optimizer steps of 8) and 8 test blocks each."""
