@@ -62,6 +62,8 @@ def stage_tensors(model, probes: dict[str, torch.Tensor], usage: dict | None) ->
             out[f"keys2/{name}"] = layer.codebooks.keys2.detach().float().cpu()
         elif isinstance(layer, MoE):
             out[f"router/{name}"] = layer.router.weight.detach().float().cpu()
+    if not layers:
+        return out  # a dense model: nothing is routed
     device = next(model.parameters()).device
     for domain, blocks in probes.items():
         inputs = layer_inputs(model, blocks[0].to(device))
