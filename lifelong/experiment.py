@@ -12,7 +12,6 @@ process and end with exactly the results of an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import random
@@ -29,12 +28,13 @@ from avalanche.training.plugins import EvaluationPlugin
 import experts
 from lifelong import checkpoint, snapshots
 from lifelong import results as results_io
-from lifelong.config import ConfigError, RunConfig, dump_yaml, from_dict
-from lifelong.growth import BOUNDARY_BLOCKS, GrowthPlugin, grow_layer, layer_inputs
+from lifelong.config import PER_PARAMETER_STRATEGIES, ConfigError, RunConfig, dump_yaml, from_dict
+from lifelong.growth import GrowthPlugin, domain_sample, grow_layer, layer_inputs
 from lifelong.loggers import CSVMetricLogger, ProgressPlugin, wandb_logger
 from lifelong.metrics import DomainLossMetric, ExpertUsageMetric, TrainLossMetric
 from lifelong.model import LanguageModel
 from lifelong.plugins import TrainingDiverged
+from lifelong.runs import load_run
 from lifelong.plots import save_matrix_heatmap
 from lifelong.strategies import build_optimizer, build_strategy, load_strategy_state, strategy_state_dict
 from scenarios import DomainSpec, build_benchmark
@@ -360,7 +360,7 @@ def grow_checkpoint(path: str | Path, experts_per_layer: int, warmup_steps: int 
     unknown = sorted(set(layers or []) - set(available))
     if unknown:
         raise ConfigError(f"no expert layer {unknown[0]!r} (layers: {', '.join(available)})")
-    if cfg.strategy.name in ("ewc", "si", "mas"):
+    if cfg.strategy.name in PER_PARAMETER_STRATEGIES:
         raise ConfigError(f"{run_dir}: strategy {cfg.strategy.name!r} keeps per-parameter importances "
                           "that do not follow a growing expert table")
     optimizer = build_optimizer(model, cfg)
@@ -368,9 +368,7 @@ def grow_checkpoint(path: str | Path, experts_per_layer: int, warmup_steps: int 
     # Place keys (and measure the output change) on the domain that training continues with.
     progress = Progress(**state["progress"])
     experience = bench.train_stream[min(progress.next_experience, len(bench.domains) - 1)]
-    dataset = experience.dataset
-    picks = torch.linspace(0, len(dataset) - 1, min(BOUNDARY_BLOCKS, len(dataset))).long().tolist()
-    inputs = layer_inputs(model, torch.stack([dataset[i][0] for i in picks]))
+    inputs = layer_inputs(model, domain_sample(experience.dataset))
     events = list(state["manual_growth_events"])
     for name in layers or list(available):
         layer = available[name]
@@ -421,9 +419,8 @@ def aggregate_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
 
 def _finished(run_dir: Path) -> dict:
     """A finished run's results.json, with its run_info.json under "run_info" as `run` returns it."""
-    res = results_io.load(run_dir)
-    info_path = run_dir / results_io.RUN_INFO_FILE
-    return {**res, "run_info": json.loads(info_path.read_text()) if info_path.is_file() else {}}
+    finished = load_run(run_dir)
+    return {**finished.results, "run_info": finished.run_info}
 
 
 def run_seeds(cfg: RunConfig, seeds: list[int], out_dir: str | Path, progress: bool | None = None,

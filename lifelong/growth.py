@@ -19,6 +19,7 @@ keys start dormant (experts/growth.py).
 from __future__ import annotations
 
 from collections import deque
+from contextlib import contextmanager
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -71,6 +72,23 @@ class InputRecorder:
             handle.remove()
 
 
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Run a block in eval mode (running statistics, no dropout), restoring the previous mode after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def domain_sample(dataset, blocks: int = BOUNDARY_BLOCKS) -> torch.Tensor:
+    """Evenly spaced input blocks [B, T] of a domain's dataset (no RNG drawn, so data order is untouched)."""
+    picks = torch.linspace(0, len(dataset) - 1, min(blocks, len(dataset))).long().tolist()
+    return torch.stack([dataset[i][0] for i in picks])
+
+
 @torch.no_grad()
 def layer_inputs(model, blocks_BT: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each expert layer's input [tokens, dim] when the model (in eval mode) reads `blocks_BT`."""
@@ -78,12 +96,10 @@ def layer_inputs(model, blocks_BT: torch.Tensor) -> dict[str, torch.Tensor]:
     handles = [layer.register_forward_pre_hook(
         lambda module, args, name=name: captured.__setitem__(name, args[0].reshape(-1, args[0].shape[-1])))
         for name, layer in model.expert_layers().items()]
-    was_training = model.training
-    model.eval()
     try:
-        model(blocks_BT)
+        with eval_mode(model):
+            model(blocks_BT)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return captured
@@ -93,12 +109,8 @@ def layer_inputs(model, blocks_BT: torch.Tensor) -> dict[str, torch.Tensor]:
 def usage_of(layer, inputs: torch.Tensor) -> UsageCounter:
     """Usage counts of `layer` routing `inputs` (eval mode, so batch statistics stay untouched)."""
     counter = UsageCounter(layer.num_experts, getattr(layer, "heads", 1))
-    was_training = layer.training
-    layer.eval()
-    try:
+    with eval_mode(layer):
         counter.update(*layer.route(inputs))
-    finally:
-        layer.train(was_training)
     return counter
 
 
@@ -106,9 +118,7 @@ def usage_of(layer, inputs: torch.Tensor) -> UsageCounter:
 def grow_layer(layer, n: int, optimizer, warmup_steps: int, init: str, inputs: torch.Tensor | None,
                usage=None) -> tuple[torch.Tensor, float]:
     """Grow one layer; return the new ids and the max |output change| on `inputs` (eval mode)."""
-    was_training = layer.training
-    layer.eval()
-    try:
+    with eval_mode(layer):
         before = layer(inputs) if inputs is not None else None
         if isinstance(layer, PEER):
             ids = layer.grow(n, optimizer=optimizer, warmup_steps=warmup_steps, init=init,
@@ -116,8 +126,6 @@ def grow_layer(layer, n: int, optimizer, warmup_steps: int, init: str, inputs: t
         else:  # MoE: router rows; no key placement to choose
             ids = layer.grow(n, optimizer=optimizer, warmup_steps=warmup_steps, inputs=inputs)
         change = float((layer(inputs) - before).abs().max()) if inputs is not None else float("nan")
-    finally:
-        layer.train(was_training)
     return ids, change
 
 
@@ -179,10 +187,7 @@ class GrowthPlugin(SupervisedPlugin):
         self.recorder.clear()
         if self.cfg.schedule != "boundary" or strategy.experience.current_experience == 0:
             return
-        dataset = strategy.experience.dataset
-        # Evenly spaced blocks of the new domain (no RNG drawn, so data order is untouched).
-        picks = torch.linspace(0, len(dataset) - 1, min(BOUNDARY_BLOCKS, len(dataset))).long().tolist()
-        blocks = torch.stack([dataset[i][0] for i in picks]).to(strategy.device)
+        blocks = domain_sample(strategy.experience.dataset).to(strategy.device)
         self.grow_all(strategy, "boundary", layer_inputs(self.model, blocks))
 
     def after_training_iteration(self, strategy, **kwargs) -> None:

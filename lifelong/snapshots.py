@@ -31,7 +31,7 @@ from avalanche.evaluation.metric_results import MetricValue
 from safetensors.torch import load_file, save_file
 
 from experts import PEER, MoE
-from lifelong.growth import layer_inputs
+from lifelong.growth import eval_mode, layer_inputs
 
 SNAPSHOT_DIR = "snapshots"
 PROBE_BLOCKS = 4
@@ -68,12 +68,8 @@ def stage_tensors(model, probes: dict[str, torch.Tensor], usage: dict | None) ->
     for domain, blocks in probes.items():
         inputs = layer_inputs(model, blocks[0].to(device))
         for name, layer in layers.items():
-            was_training = layer.training
-            layer.eval()
-            try:
+            with eval_mode(layer):
                 _, ids = layer.route(inputs[name])
-            finally:
-                layer.train(was_training)
             out[f"routes/{name}/{domain}"] = ids.to(torch.int32).cpu()
     return out
 
@@ -116,15 +112,11 @@ class CurvePlugin(SupervisedPlugin):
         self.step += 1
         if self.step % self.every:
             return
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            values = []
+        values = []
+        with eval_mode(self.model):
             for domain, blocks in self.probes.items():
                 x, y = blocks[0].to(strategy.device), blocks[1].to(strategy.device)
                 loss = F.cross_entropy(self.model(x).flatten(0, 1).float(), y.flatten())
                 values.append(MetricValue(self, f"Curve/test_stream/{domain}", float(loss), self.step))
-        finally:
-            self.model.train(was_training)
         for logger in self.loggers:
             logger.log_metrics(values)
