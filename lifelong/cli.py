@@ -80,9 +80,13 @@ def _prepare_out_dir(out: str | None, preset: str, overwrite: bool) -> Path:
     if existing and not overwrite:
         raise ConfigError(f"--out {path} already holds a run ({', '.join(existing)}); "
                           "choose another directory or pass --overwrite")
-    for name in existing:  # only after validation, and only the files a run writes
-        target = path / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    from lifelong import distributed
+
+    if distributed.is_main():
+        for name in existing:  # only after validation, and only the files a run writes
+            target = path / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    distributed.barrier()
     return path
 
 
@@ -96,8 +100,16 @@ def _parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def _say(*args, **kwargs) -> None:
+    """print, on rank 0 only under torchrun (every rank runs the same command)."""
+    from lifelong import distributed
+
+    if distributed.is_main():
+        print(*args, **kwargs)
+
+
 def cmd_run(args) -> int:
-    from lifelong import experiment, results
+    from lifelong import distributed, experiment, results
 
     progress = False if args.no_progress else None
     if args.resume:
@@ -107,28 +119,30 @@ def cmd_run(args) -> int:
         if given:
             raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
         out = Path(args.resume)
-        print(f"run directory: {out}")
+        cfg = experiment.read_run_config(out)
+        distributed.init_from_env(cfg.train.device)
+        _say(f"run directory: {out}")
         seeds_file = out / experiment.SEEDS_FILE
         if seeds_file.is_file():
-            cfg = experiment.read_run_config(out)
             seeds = json.loads(seeds_file.read_text())["seeds"]
-            res = experiment.run_seeds(cfg, seeds, out, progress=progress, resuming=True)
+            res = experiment.run_seeds(cfg, seeds, out, progress=progress, resuming=True, echo=_say)
         else:
-            res = experiment.resume(out, progress=progress)
+            res = experiment.resume(out, progress=progress, echo=_say)
     else:
         cfg = resolve(args.preset or "builtin", args.config, args.overrides)
         seeds = _parse_seeds(args.seeds) if args.seeds else None
+        distributed.init_from_env(cfg.train.device)
         out = _prepare_out_dir(args.out, args.preset or "builtin", args.overwrite)
-        print(f"run directory: {out}")
+        _say(f"run directory: {out}")
         if seeds:
-            res = experiment.run_seeds(cfg, seeds, out, progress=progress)
+            res = experiment.run_seeds(cfg, seeds, out, progress=progress, echo=_say)
         else:
-            res = experiment.run(cfg, out, progress=progress)
-    print()
-    print(results.format_table(res))
+            res = experiment.run(cfg, out, progress=progress, echo=_say)
+    _say()
+    _say(results.format_table(res))
     info = res["run_info"]
-    print(f"\nwall time {info['wall_time_s']:.0f} s (evaluation {info['eval_time_s']:.0f} s); "
-          f"results in {out / results.RESULTS_FILE}")
+    _say(f"\nwall time {info['wall_time_s']:.0f} s (evaluation {info['eval_time_s']:.0f} s); "
+         f"results in {out / results.RESULTS_FILE}")
     return 0
 
 
@@ -180,20 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     from lifelong.checkpoint import CheckpointError
     from lifelong.plugins import TrainingDiverged
 
+    from lifelong import distributed
+
     try:
         handler = {"run": cmd_run, "grow": cmd_grow, "report": cmd_report, "flops": cmd_flops}[args.command]
         return handler(args)
     except (ConfigError, StreamError, CheckpointError) as err:
-        print(f"lifelong: error: {err}", file=sys.stderr)
+        _say(f"lifelong: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as err:
         kept = checkpoint.latest(err.run_dir) if getattr(err, "run_dir", None) else None
         where = f"; the last good checkpoint is {kept}" if kept else ""
-        print(f"lifelong: {err}{where}", file=sys.stderr)
+        _say(f"lifelong: {err}{where}", file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:
-        print("lifelong: interrupted", file=sys.stderr)
+        _say("lifelong: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -213,10 +213,18 @@ class TrainConfig:
     eval_batch_size: int = 64
     device: str = "auto"
     """"auto" (CUDA when available), "cpu" or "cuda"."""
+    rollback: int = 0
+    """Times a diverged run (NaN/Inf loss) restarts from its last checkpoint with a lower lr (0 = stop)."""
+    rollback_lr_factor: float = 0.5
+    """Each rollback multiplies every parameter group's learning rate by this factor."""
 
     def __post_init__(self) -> None:
         _check_positive("train", batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
                         lr=self.lr, expert_lr_mult=self.expert_lr_mult, eval_batch_size=self.eval_batch_size)
+        if self.rollback < 0:
+            raise ConfigError(f"train.rollback must be >= 0, got {self.rollback}")
+        if not 0 < self.rollback_lr_factor < 1:
+            raise ConfigError(f"train.rollback_lr_factor must be in (0, 1), got {self.rollback_lr_factor!r}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum "
                               f"({self.grad_accum})")
@@ -369,13 +377,18 @@ class LogConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Crash-safe checkpoints, written after every stage (before training and after each experience)."""
+    """Crash-safe checkpoints, written after every stage (before training and after each
+    experience) and, with `every_steps`, every N optimizer steps inside an experience."""
 
     keep: int = 1
     """Complete checkpoints kept on disk (the newest ones)."""
+    every_steps: int = 0
+    """Also checkpoint every N optimizer steps (0 = at stages only); `--resume` continues mid-experience."""
 
     def __post_init__(self) -> None:
         _check_positive("checkpoint", keep=self.keep)
+        if self.every_steps < 0:
+            raise ConfigError(f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
 
 
 @dataclass
@@ -400,6 +413,10 @@ class RunConfig:
             # A micro-batch can be a single block; batch statistics of one token do not exist.
             raise ConfigError("model.peer.query_norm 'batchnorm' needs stream.block_len >= 2 "
                               "(or use layernorm, rmsnorm or none)")
+        if self.checkpoint.every_steps and self.strategy.name == "agem":
+            raise ConfigError("checkpoint.every_steps is not supported with strategy.name 'agem': its memory "
+                              "sampler cannot be put back mid-experience (agem checkpoints at stages only; "
+                              "set checkpoint.every_steps=0)")
         if self.growth.schedule != "none" and self.strategy.name in PER_PARAMETER_STRATEGIES:
             raise ConfigError(f"growth.schedule with strategy.name {self.strategy.name!r} is not supported: its "
                               "per-parameter importances do not follow a growing expert table")

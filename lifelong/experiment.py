@@ -5,8 +5,11 @@ training experience the whole test stream is evaluated again. The rows of
 per-domain losses form the stage x domain matrix of `results.json`.
 
 After every stage the run writes a checkpoint (model, optimizer, strategy
-state, RNG states, the matrix so far), so `resume` can continue in a fresh
-process and end with exactly the results of an uninterrupted run.
+state, RNG states, the matrix so far), and with `checkpoint.every_steps` also
+every N optimizer steps inside an experience (plus the data loader's position),
+so `resume` can continue in a fresh process and end with exactly the results of
+an uninterrupted run. With `train.rollback`, a run whose loss turns NaN/Inf
+restarts from its last checkpoint with a lower learning rate.
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ from avalanche.logging import TensorboardLogger
 from avalanche.training.plugins import EvaluationPlugin
 
 import experts
-from lifelong import checkpoint, snapshots
+from lifelong import checkpoint, distributed, snapshots
 from lifelong import results as results_io
 from lifelong.config import PER_PARAMETER_STRATEGIES, ConfigError, RunConfig, dump_yaml, from_dict
 from lifelong.growth import GrowthPlugin, domain_sample, grow_layer, layer_inputs
 from lifelong.loggers import CSVMetricLogger, ProgressPlugin, wandb_logger
 from lifelong.metrics import DomainLossMetric, ExpertUsageMetric, TrainLossMetric
 from lifelong.model import LanguageModel
-from lifelong.plugins import TrainingDiverged
+from lifelong.plugins import LMDistillPlugin, PeriodicCheckpointPlugin, TrainingDiverged
 from lifelong.runs import load_run
 from lifelong.plots import save_matrix_heatmap
 from lifelong.strategies import build_optimizer, build_strategy, load_strategy_state, strategy_state_dict
@@ -107,6 +110,8 @@ class Progress:
     num_experts: list[int] = field(default_factory=list)
     expert_stats: list[dict] = field(default_factory=list)
     experience_steps: list[int] = field(default_factory=list)  # optimizer steps taken in each experience
+    rollbacks: list[dict] = field(default_factory=list)  # restarts after a diverged loss (train.rollback)
+    lr_scale: float = 1.0  # product of the rollbacks' learning-rate factors
     eval_seconds: float = 0.0
     elapsed_seconds: float = 0.0
 
@@ -120,8 +125,9 @@ class Run:
     def __init__(self, cfg: RunConfig, out_dir: Path, progress_bars: bool | None, echo):
         self.cfg, self.out_dir, self.echo = cfg, out_dir, echo
         self.started = time.perf_counter()
+        self.main = distributed.is_main()  # under torchrun only rank 0 writes the run directory
         seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.train.device)
+        self.device = distributed.local_device(resolve_device(cfg.train.device))
         self.bench = load_stream(cfg)
         self.domains = self.bench.domains
         self.model = build_model(cfg, self.bench.vocab_size)
@@ -131,28 +137,35 @@ class Run:
             experts.attach(self.model, self.optimizer)
         self.progress = Progress()
         self.manual_growth: list[dict] = []  # growth events of `lifelong grow` on a checkpoint
-        self.csv_logger = CSVMetricLogger(out_dir / METRICS_FILE)
-        self.tb_logger = TensorboardLogger(tb_log_dir=out_dir / "tb")
+        self.csv_logger = CSVMetricLogger(out_dir / METRICS_FILE) if self.main else None
+        self.tb_logger = TensorboardLogger(tb_log_dir=out_dir / "tb") if self.main else None
         self.domain_loss = DomainLossMetric(self.domains, [i["bytes_per_token"] for i in self.bench.domain_info],
                                             on_stage=self._record_stage)
         self.train_loss = TrainLossMetric(every=10, aux_metrics=_aux_metrics(self.model))
         self.expert_usage = ExpertUsageMetric(self.model.expert_layers, self.domains, on_stage=self._record_usage)
-        loggers = [self.csv_logger, self.tb_logger]
-        self.wandb = wandb_logger(cfg.log.wandb_project, out_dir, cfg.to_dict()) if cfg.log.wandb else None
+        loggers = [self.csv_logger, self.tb_logger] if self.main else []
+        self.wandb = (wandb_logger(cfg.log.wandb_project, out_dir, cfg.to_dict())
+                      if cfg.log.wandb and self.main else None)
         if self.wandb is not None:
             loggers.append(self.wandb)
         evaluator = EvaluationPlugin(self.domain_loss, self.train_loss, self.expert_usage, loggers=loggers)
-        plugins = [ProgressPlugin(self.domains, enabled=progress_bars)]
+        plugins = [ProgressPlugin(self.domains, enabled=progress_bars if self.main else False)]
         self.probes = snapshots.probe_blocks(self.bench.test_stream)
         self._stage_usage: dict = {}
         if cfg.eval.curve_every:
             plugins.append(snapshots.CurvePlugin(self.model, self.probes, cfg.eval.curve_every,
-                                                 loggers=[self.csv_logger, self.tb_logger]))
+                                                 loggers=[self.csv_logger, self.tb_logger] if self.main else []))
         self.growth = None
         if cfg.growth.schedule != "none" or cfg.growth.freeze != "none":
             self.growth = GrowthPlugin(cfg.growth, self.model, echo=echo)
             plugins.append(self.growth)
         self.strategy = build_strategy(cfg, self.model, self.optimizer, evaluator, self.device, plugins=plugins)
+        for plugin in self.strategy.plugins:
+            if isinstance(plugin, LMDistillPlugin):  # a teacher saved before growth needs a model of its size
+                plugin.make_model = lambda: build_model(cfg, self.bench.vocab_size).to(self.device)
+        if cfg.checkpoint.every_steps:
+            # Appended last, so it saves after every other plugin has finished the iteration.
+            self.strategy.plugins.append(PeriodicCheckpointPlugin(cfg.checkpoint.every_steps, self.save_inside))
 
     def _record_stage(self, nats: list[float], bpb: list[float]) -> None:
         self.progress.loss_rows.append(nats)
@@ -165,35 +178,67 @@ class Run:
 
     # -- checkpoints ---------------------------------------------------------
 
-    def save(self) -> None:
+    def save(self, position: dict | None = None) -> None:
+        """Checkpoint at a stage, or inside an experience at the strategy's `position` (rank 0 writes)."""
         self.progress.elapsed_seconds += time.perf_counter() - self.started
         self.started = time.perf_counter()
+        if not self.main:
+            return
         state = {
             "config": self.cfg.to_dict(),
             "progress": self.progress.as_state(),
+            "position": position,
             "optimizer": self.optimizer.state_dict(),
             "strategy": strategy_state_dict(self.strategy),
             "metric_counters": {"stage": self.domain_loss.stage, "train_step": self.train_loss.step,
-                                "usage_stage": self.expert_usage.stage},
+                                "usage_stage": self.expert_usage.stage, "train_window": self.train_loss.window()},
             "metrics_csv_bytes": self.csv_logger.tell(),
             "manual_growth_events": self.manual_growth,
             "rng": checkpoint.rng_state(),
         }
         checkpoint.save(self.out_dir, self.model, state, keep=self.cfg.checkpoint.keep)
 
+    def save_inside(self) -> None:
+        """The periodic checkpoint inside an experience (PeriodicCheckpointPlugin)."""
+        self.save(position=self.strategy.position())
+
     def restore(self, path: Path, state: dict) -> None:
-        """Load checkpoint `path`, whose state `state` was read (and so validated) by `checkpoint.load_state`."""
+        """Load checkpoint `path`, whose state `state` was read (and so validated) by `checkpoint.load_state`.
+
+        A checkpoint taken inside an experience is finished by the strategy itself: its next
+        `train(experience)` replays the data loader to the saved position, and only after the
+        experience-start hooks have run are the plugin state, metric windows and RNG put back.
+        """
         checkpoint.load_weights(path, self.model)
         self.model.to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
-        load_strategy_state(self.strategy, state["strategy"])
         self.progress = Progress(**state["progress"])
         self.manual_growth = list(state["manual_growth_events"])
         self.domain_loss.stage = state["metric_counters"]["stage"]
-        self.train_loss.step = state["metric_counters"]["train_step"]
         self.expert_usage.stage = state["metric_counters"]["usage_stage"]
-        self.csv_logger.truncate(state["metrics_csv_bytes"])  # drop rows logged after the checkpoint
+        if self.main:
+            self.csv_logger.truncate(state["metrics_csv_bytes"])  # drop rows logged after the checkpoint
+        self._restore_training_state(state)
+        if state.get("position") is not None:
+            self.strategy.resume_point = {**state["position"], "restore": lambda: self._restore_training_state(state)}
+
+    def _restore_training_state(self, state: dict) -> None:
+        load_strategy_state(self.strategy, state["strategy"])
+        self.train_loss.step = state["metric_counters"]["train_step"]
+        self.train_loss.set_window(*state["metric_counters"].get("train_window", (0.0, 0)))
         checkpoint.set_rng_state(state["rng"])
+
+    def roll_back(self, error: TrainingDiverged, before: "Progress") -> None:
+        """After `restore` of the last checkpoint: lower the learning rate and record the rollback."""
+        target = before.lr_scale * self.cfg.train.rollback_lr_factor
+        factor = target / self.progress.lr_scale
+        for group in self.optimizer.param_groups:
+            group["base_lr"] *= factor
+            group["lr"] *= factor
+        self.progress.lr_scale = target
+        self.progress.rollbacks = before.rollbacks + [
+            {"step": int(error.step), "experience": int(error.experience), "resumed_step": self.strategy.optimizer_steps,
+             "lr_scale": target}]
 
     # -- the loop -------------------------------------------------------------
 
@@ -203,8 +248,9 @@ class Run:
         self.progress.eval_seconds += time.perf_counter() - t0
         self.progress.stages.append(stage)
         self.progress.num_experts.append(self.model.num_experts())
-        tensors = snapshots.stage_tensors(self.model, self.probes, self._stage_usage)
-        snapshots.write(self.out_dir, len(self.progress.stages) - 1, tensors)
+        if self.main:
+            tensors = snapshots.stage_tensors(self.model, self.probes, self._stage_usage)
+            snapshots.write(self.out_dir, len(self.progress.stages) - 1, tensors)
         self._stage_usage = {}
 
     def execute(self) -> dict:
@@ -241,8 +287,9 @@ class Run:
         return self.finish()
 
     def finish(self) -> dict:
-        self.csv_logger.close()
-        self.tb_logger.writer.flush()
+        if self.main:
+            self.csv_logger.close()
+            self.tb_logger.writer.flush()
         if self.wandb is not None:
             self.wandb.close()
         p = self.progress
@@ -255,6 +302,7 @@ class Run:
             domain_info=[{k: v for k, v in info.items() if k not in ("cache_file", "cached")}
                          for info in self.bench.domain_info],
             experience_steps=p.experience_steps,
+            rollbacks=p.rollbacks,
             experts=_per_layer(p.expert_stats),
             growth_events=sorted(self.manual_growth + (self.growth.events if self.growth else []),
                                  key=lambda e: (e["step"], e["layer"])),
@@ -268,10 +316,13 @@ class Run:
         info = {"wall_time_s": round(p.elapsed_seconds, 2), "eval_time_s": round(p.eval_seconds, 2),
                 "python": platform.python_version(), "torch": torch.__version__,
                 "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads(), "device": str(self.device)}
-        results_io.write_json_atomic(self.out_dir / results_io.RUN_INFO_FILE, info)
-        results_io.write_json_atomic(self.out_dir / results_io.RESULTS_FILE, res)
-        save_matrix_heatmap(res, self.out_dir / "bpb_matrix.png")
+                "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads(), "device": str(self.device),
+                "world_size": distributed.world_size()}
+        if self.main:
+            results_io.write_json_atomic(self.out_dir / results_io.RUN_INFO_FILE, info)
+            results_io.write_json_atomic(self.out_dir / results_io.RESULTS_FILE, res)
+            save_matrix_heatmap(res, self.out_dir / "bpb_matrix.png")
+        distributed.barrier()  # the run directory is complete before any rank returns
         return {**res, "run_info": info}
 
 
@@ -288,11 +339,13 @@ def _per_layer(stats_per_stage: list[dict]) -> dict:
 def run(cfg: RunConfig, out_dir: str | Path, progress: bool | None = None, echo=print) -> dict:
     """Train and evaluate over the whole stream; write the run directory; return results.json's content."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
+    distributed.barrier()
     session = Run(cfg, out_dir, progress, echo)
     _describe(session, echo)
-    return session.execute()
+    return _execute(session, progress, echo)
 
 
 def resume(run_dir: str | Path, progress: bool | None = None, echo=print) -> dict:
@@ -309,9 +362,32 @@ def resume(run_dir: str | Path, progress: bool | None = None, echo=print) -> dic
                                          f"than {run_dir / CONFIG_FILE}")
     session = Run(cfg, run_dir, progress, echo)
     session.restore(path, state)
+    inside = state.get("position")
     echo(f"resuming from {path.name}: {len(session.progress.stages)} stages done "
-         f"({', '.join(session.progress.stages)})")
-    return session.execute()
+         f"({', '.join(session.progress.stages)})"
+         + (f", then step {state['strategy']['optimizer_steps']} inside the next experience" if inside else ""))
+    return _execute(session, progress, echo)
+
+
+def _execute(session: Run, progress: bool | None, echo) -> dict:
+    """Run `session` to the end; on a diverged loss roll back to the last checkpoint with a
+    lower learning rate, at most `train.rollback` times over the run."""
+    while True:
+        try:
+            return session.execute()
+        except TrainingDiverged as err:
+            if len(session.progress.rollbacks) >= session.cfg.train.rollback:
+                raise
+            before = session.progress
+            path = checkpoint.latest(session.out_dir)
+            state = checkpoint.load_state(path)
+            if session.main:
+                session.csv_logger.close()
+            session = Run(session.cfg, session.out_dir, progress, echo)
+            session.restore(path, state)
+            session.roll_back(err, before)
+            echo(f"{err}; rolling back to {path.name} with learning rate x{session.progress.lr_scale:g} "
+                 f"(rollback {len(session.progress.rollbacks)} of {session.cfg.train.rollback})")
 
 
 def _describe(session: Run, echo) -> None:
@@ -430,8 +506,10 @@ def run_seeds(cfg: RunConfig, seeds: list[int], out_dir: str | Path, progress: b
     When `resuming`, finished seeds are read back, interrupted ones resumed, missing ones started.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not resuming:
+    main = distributed.is_main()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if main and not resuming:
         (out_dir / CONFIG_FILE).write_text(dump_yaml(cfg))
         results_io.write_json_atomic(out_dir / SEEDS_FILE, {"seeds": seeds})
     per_seed = []
@@ -445,9 +523,11 @@ def run_seeds(cfg: RunConfig, seeds: list[int], out_dir: str | Path, progress: b
         else:
             per_seed.append(run(dataclasses.replace(cfg, seed=seed), seed_dir, progress=progress, echo=echo))
     res = aggregate_seeds(per_seed, seeds)
-    results_io.write_json_atomic(out_dir / results_io.RESULTS_FILE, res)
-    save_matrix_heatmap(res, out_dir / "bpb_matrix.png")
     info = {key: round(sum(r["run_info"].get(key, 0.0) for r in per_seed), 2)
             for key in ("wall_time_s", "eval_time_s")}
-    results_io.write_json_atomic(out_dir / results_io.RUN_INFO_FILE, info)
+    if main:
+        results_io.write_json_atomic(out_dir / results_io.RESULTS_FILE, res)
+        save_matrix_heatmap(res, out_dir / "bpb_matrix.png")
+        results_io.write_json_atomic(out_dir / results_io.RUN_INFO_FILE, info)
+    distributed.barrier()
     return {**res, "run_info": info}

@@ -26,6 +26,7 @@ from avalanche.core import SupervisedPlugin
 
 import experts
 from experts import PEER, UsageCounter
+from lifelong import distributed
 from lifelong.config import GrowthConfig
 
 PROBE_TOKENS = 2048  # tokens kept per layer for k-means placement, triggers and the output check
@@ -44,6 +45,7 @@ class InputRecorder:
         self.inputs: dict[str, deque] = {name: deque() for name in layers}
         self._sizes = dict.fromkeys(layers, 0)
         self.enabled = True
+        self._layers = layers
         self._handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in layers.items()]
 
     def _hook(self, name: str):
@@ -66,6 +68,18 @@ class InputRecorder:
         for name in self.inputs:
             self.inputs[name].clear()
             self._sizes[name] = 0
+
+    def state_dict(self) -> dict:
+        """The recorded windows as CPU tensors (what a checkpoint inside an experience needs)."""
+        return {name: [x.cpu().clone() for x in window] for name, window in self.inputs.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clear()
+        for name, window in state.items():
+            device = next(self._layers[name].parameters()).device
+            for x in window:
+                self.inputs[name].append(x.to(device))
+                self._sizes[name] += x.shape[0]
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -146,13 +160,14 @@ class GrowthPlugin(SupervisedPlugin):
 
     def state_dict(self, strategy=None) -> dict:
         return {"events": list(self.events), "frozen_events": list(self.frozen_events), "step": self.step,
-                "losses": list(self.losses)}
+                "losses": list(self.losses), "inputs": self.recorder.state_dict()}
 
     def load_state_dict(self, strategy, state: dict) -> None:
         self.events = list(state["events"])
         self.frozen_events = list(state["frozen_events"])
         self.step = int(state["step"])
         self.losses = deque(state["losses"], maxlen=self.cfg.plateau_window)
+        self.recorder.load_state_dict(state["inputs"])
 
     # -- growing -------------------------------------------------------------
 
@@ -182,11 +197,16 @@ class GrowthPlugin(SupervisedPlugin):
                 frozen = experts.freeze_existing(layer, strategy.optimizer)
                 self.frozen_events.append({"step": self.step, "layer": name, "policy": "existing",
                                            "frozen": int(frozen.numel())})
+            # Under torchrun the new keys were placed on rank-local inputs: every rank takes rank 0's.
+            distributed.broadcast_module(layer)
 
     def before_train_dataset_adaptation(self, strategy, **kwargs) -> None:
         self.recorder.clear()
-        if self.cfg.schedule != "boundary" or strategy.experience.current_experience == 0:
+        index = strategy.experience.current_experience
+        if self.cfg.schedule != "boundary" or index == 0:
             return
+        if any(e["reason"] == "boundary" and e["experience"] == index for e in self.events):
+            return  # a run resumed inside this experience grew at its start already
         blocks = domain_sample(strategy.experience.dataset).to(strategy.device)
         self.grow_all(strategy, "boundary", layer_inputs(self.model, blocks))
 
@@ -197,7 +217,8 @@ class GrowthPlugin(SupervisedPlugin):
         self.step += 1
         if self.cfg.schedule == "steps" and self.step % self.cfg.every_steps == 0:
             self.grow_all(strategy, "steps", self._recent())
-        elif self.cfg.schedule == "trigger" and self.step % self.cfg.check_every == 0 and self._fired():
+        elif (self.cfg.schedule == "trigger" and self.step % self.cfg.check_every == 0
+              and distributed.agree_any(self._fired(), strategy.device)):
             self.grow_all(strategy, f"trigger:{self.cfg.trigger}", self._recent())
             self.losses.clear()
 
@@ -210,6 +231,7 @@ class GrowthPlugin(SupervisedPlugin):
                 continue
             frozen = experts.freeze_top_used(layer, usage_of(layer, x), float(self.cfg.freeze_fraction),
                                              strategy.optimizer)
+            distributed.broadcast_module(layer)  # rank 0's choice (usage of rank-local inputs) for all
             self.frozen_events.append({"step": self.step, "layer": name, "policy": "top_used",
                                        "domain": getattr(strategy.experience, "domain", ""),
                                        "frozen": int(frozen.numel())})

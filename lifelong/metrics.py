@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from avalanche.evaluation.metric_definitions import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
 
+from lifelong import distributed
 from experts import jaccard_overlap, kl_to_uniform, track_usage, usage_fraction
 
 LN2 = math.log(2.0)
@@ -162,6 +163,9 @@ class DomainLossMetric(PluginMetric[dict]):
 
     def after_eval_exp(self, strategy) -> list[MetricValue]:
         j = strategy.experience.current_experience
+        if distributed.active():  # each rank evaluated its slice of every batch
+            totals = distributed.all_reduce_sum(torch.stack([self._nats, self._nats.new_tensor(self._tokens)]))
+            self._nats, self._tokens = totals[0], int(totals[1].item())
         loss = self._nats.item() / max(self._tokens, 1)
         self._row[j] = loss
         bpb = bits_per_byte(loss, self.bytes_per_token[j])
@@ -204,6 +208,13 @@ class TrainLossMetric(PluginMetric[float]):
 
     def reset(self) -> None:
         self._sum, self._count = 0.0, 0
+
+    def window(self) -> list:
+        """The current averaging window [sum, count] (what a checkpoint inside an experience keeps)."""
+        return [self._sum, self._count]
+
+    def set_window(self, total: float, count: int) -> None:
+        self._sum, self._count = float(total), int(count)
 
     def result(self) -> float | None:
         return self._sum / self._count if self._count else None
@@ -264,6 +275,10 @@ class ExpertUsageMetric(PluginMetric[dict]):
     def after_eval_exp(self, strategy) -> list[MetricValue]:
         for layer in self.layers().values():
             layer.usage_counter = None
+        for counter in self._counters.values():  # each rank routed its slice of the tokens
+            distributed.all_reduce_sum(counter.counts)
+            distributed.all_reduce_sum(counter.hits)
+            counter.tokens = int(distributed.all_reduce_sum(torch.tensor([counter.tokens]))[0])
         j = strategy.experience.current_experience
         self._by_domain[j] = self._counters
         values = []

@@ -22,6 +22,8 @@ from avalanche.benchmarks.utils.utils import concat_datasets
 from avalanche.core import SupervisedPlugin
 from avalanche.training.plugins import SynapticIntelligencePlugin
 
+from lifelong import distributed
+
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """LR multiplier: linear warmup over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
@@ -204,6 +206,9 @@ class LMDistillPlugin(SupervisedPlugin):
         self.teacher: nn.Module | None = None
         self.last_kl: float | None = None
         """The last minibatch's (unweighted) distillation term, for logging and tests."""
+        self.make_model: Callable[[], nn.Module] | None = None
+        """Builds a fresh model of the configured size: a saved teacher smaller than the model
+        (taken before the model grew) is loaded into one, since loading only grows expert tables."""
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         self.teacher = _frozen_copy(strategy.model)
@@ -236,14 +241,23 @@ class LMDistillPlugin(SupervisedPlugin):
         if saved is None:
             self.teacher = None
             return
-        teacher = _frozen_copy(strategy.model)
-        if saved != "model":
-            teacher.load_state_dict(saved)
-        self.teacher = teacher
+        if saved == "model":
+            self.teacher = _frozen_copy(strategy.model)
+            return
+        teacher = self.make_model() if self.make_model is not None else copy.deepcopy(strategy.model)
+        teacher.load_state_dict(saved)
+        self.teacher = _frozen_copy(teacher)
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite; the run stops at its last good checkpoint."""
+    """The training loss became NaN or infinite; the run stops at its last good checkpoint.
+
+    `step` is the optimizer step that would have applied it, `experience` the experience index.
+    """
+
+    def __init__(self, message: str, step: int = 0, experience: int = 0):
+        super().__init__(message)
+        self.step, self.experience = step, experience
 
 
 class FiniteLossPlugin(SupervisedPlugin):
@@ -254,11 +268,30 @@ class FiniteLossPlugin(SupervisedPlugin):
     """
 
     def before_backward(self, strategy, **kwargs) -> None:
-        if torch.isfinite(strategy.loss.detach()).all():
+        finite = bool(torch.isfinite(strategy.loss.detach()).all())
+        if not distributed.agree_any(not finite, strategy.device):  # every rank stops together
             return
         experience = strategy.experience
         domain = getattr(experience, "domain", "?")
+        step = getattr(strategy, "optimizer_steps", 0) + 1
         raise TrainingDiverged(
             f"training diverged: the loss is {float(strategy.loss.detach())} at optimizer step "
-            f"{getattr(strategy, 'optimizer_steps', 0) + 1} of experience {experience.current_experience} "
-            f"({domain}); lower train.lr or raise train.warmup_steps")
+            f"{step} of experience {experience.current_experience} "
+            f"({domain}); lower train.lr or raise train.warmup_steps (or set train.rollback)",
+            step=step, experience=experience.current_experience)
+
+
+class PeriodicCheckpointPlugin(SupervisedPlugin):
+    """Calls `save()` after every `every`-th optimizer step, at the end of that iteration.
+
+    Append it to `strategy.plugins` last, so every other plugin (metrics, SI's path integral,
+    growth) has finished the iteration before the state is captured.
+    """
+
+    def __init__(self, every: int, save: Callable[[], None]):
+        super().__init__()
+        self.every, self.save = every, save
+
+    def after_training_iteration(self, strategy, **kwargs) -> None:
+        if getattr(strategy, "is_update_step", True) and strategy.optimizer_steps % self.every == 0:
+            self.save()

@@ -38,6 +38,7 @@ logits was checked against their source (Avalanche 0.6.0):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections import defaultdict
 
 import torch
@@ -56,6 +57,7 @@ from avalanche.training.utils import ParamData
 from torch.utils.data import DataLoader, TensorDataset
 
 from experts import PEER, MoE, ProductKeys, QueryNorm
+from lifelong import distributed
 from lifelong.config import ConfigError, RunConfig
 from lifelong.plugins import (
     CumulativePlugin,
@@ -112,6 +114,24 @@ class LMTemplate(SupervisedTemplate):
     concatenation of every experience given (Avalanche's JointTraining; callbacks see the first
     experience as `strategy.experience`).
 
+    Data order and resuming mid-experience: the train loader's shuffling draws from its own
+    torch RNG stream, forked from the global one at the start of every epoch; the global RNG
+    continues from the data stream's state when the epoch ends. So the data order depends only
+    on that fork point and on how many micro-batches were taken, whatever random numbers the
+    training steps draw in between (dropout). `position()` names the point reached (epoch,
+    micro-batches taken, the fork state); a strategy given a `resume_point` (that position plus
+    a `restore` callable) replays the loader to it on its next `train(experience)` without
+    training on the skipped micro-batches, then calls `restore()` once every experience-start
+    hook has run, so saved plugin state wins over what those hooks reset.
+
+    Data parallel (under torchrun, `lifelong.distributed`): every rank draws the same global
+    micro-batches and keeps its own slice of each (training and evaluation); training forwards
+    go through a DistributedDataParallel wrapper of the model (rebuilt when growth changes the
+    parameters' shapes; its construction broadcasts rank 0's weights), gradients are all-reduced
+    only on the last micro-batch of a group, and each rank's loss is scaled by its share of the
+    group's blocks times the world size, so the averaged gradient is the global batch's mean.
+    `strategy.model` stays the plain module: plugins never see the wrapper.
+
     The optimizer is never touched by Avalanche: `make_optimizer` keeps it as built. Avalanche's
     `update_optimizer` would wipe its state on the first experience (a resumed run would lose
     its Adam moments) and file parameters it did not know into group 0; growth keeps parameter
@@ -129,6 +149,13 @@ class LMTemplate(SupervisedTemplate):
         self.optimizer_steps = 0
         self._loss_scale = 1.0
         self._joint_datasets: list | None = None
+        self.resume_point: dict | None = None
+        self._ddp = None
+        self._ddp_shapes: tuple = ()
+        self.epoch_index = 0
+        self.epoch_micro_batches = 0
+        self._epoch_data_rng: torch.Tensor | None = None
+        self._data_rng: torch.Tensor | None = None
 
     # ---- mixed precision -------------------------------------------------------------------
     def autocast(self):
@@ -137,8 +164,34 @@ class LMTemplate(SupervisedTemplate):
         return torch.autocast(device_type=self.device.type, dtype=self.precision_dtype)
 
     def forward(self):
+        model = self._ddp_model() if self.is_training and distributed.active() else self.model
         with self.autocast():
-            return self.model(self.mb_x)
+            return model(self.mb_x)
+
+    # ---- data parallel ---------------------------------------------------------------------
+    def _ddp_model(self):
+        """The DDP wrapper of `self.model`, rebuilt after growth; syncs gradients on update steps only."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        shapes = tuple((id(p), tuple(p.shape)) for p in self.model.parameters())
+        if self._ddp is None or shapes != self._ddp_shapes:
+            cuda = self.device.type == "cuda"
+            moe = any(isinstance(m, MoE) for m in self.model.modules())  # unrouted experts get no gradient
+            self._ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if cuda else None,
+                                                find_unused_parameters=moe)
+            self._ddp_shapes = shapes
+        self._ddp.require_backward_grad_sync = self.is_update_step
+        return self._ddp
+
+    def _unpack_minibatch(self):
+        self._shard_empty = False
+        if distributed.active():
+            local = distributed.shard(list(self.mbatch))
+            # A rank whose slice is empty (a last micro-batch smaller than the world) still runs
+            # the whole micro-batch with a zero loss scale, so every rank joins the all-reduce.
+            self._shard_empty = len(local[0]) == 0
+            self.mbatch = self.mbatch if self._shard_empty else local
+        super()._unpack_minibatch()
 
     def criterion(self):
         loss = self._criterion(self.mb_output, self.mb_y)
@@ -151,14 +204,79 @@ class LMTemplate(SupervisedTemplate):
     def backward(self):
         (self.loss * self._loss_scale).backward(retain_graph=self.retain_graph)
 
+    # ---- data order on its own RNG stream; positions for mid-experience checkpoints ----------
+    @contextlib.contextmanager
+    def _data_rng_stream(self):
+        """Run a block (loader creation, fetching a micro-batch) on the data RNG stream."""
+        train_state = torch.get_rng_state()
+        torch.set_rng_state(self._data_rng)
+        try:
+            yield
+        finally:
+            self._data_rng = torch.get_rng_state()
+            torch.set_rng_state(train_state)
+
+    def position(self) -> dict:
+        """Where training stands inside the current experience (see the class docstring)."""
+        return {"epoch": self.epoch_index, "micro_batches": self.epoch_micro_batches,
+                "data_rng_start": self._epoch_data_rng.clone(), "data_rng_now": self._data_rng.clone()}
+
+    def _train_exp(self, experience, eval_streams=None, **kwargs):
+        first = int(self.resume_point["epoch"]) if self.resume_point is not None else 0
+        for self.epoch_index in range(first, self.train_epochs):
+            self._before_training_epoch(**kwargs)
+            if self._stop_training:  # early stopping, as in Avalanche's loop
+                self._stop_training = False
+                break
+            self.training_epoch(**kwargs)
+            self._after_training_epoch(**kwargs)
+
+    def _open_epoch(self):
+        """The epoch's micro-batch iterator, replayed to the resume point if there is one."""
+        point, self.resume_point = self.resume_point, None
+        self._epoch_data_rng = torch.get_rng_state() if point is None else point["data_rng_start"].clone()
+        self._data_rng = self._epoch_data_rng.clone()
+        if point is None:
+            # The steps' own draws (dropout, A-GEM's memory sampler) get a stream of their own,
+            # seeded from the fork point but distinct from the data stream.
+            torch.manual_seed(int.from_bytes(hashlib.sha256(b"train" + self._epoch_data_rng.numpy().tobytes())
+                                             .digest()[:8], "little") >> 1)
+        self.epoch_micro_batches = 0
+        with self._data_rng_stream():
+            batches = iter(self.dataloader)
+            if point is not None:
+                for _ in range(int(point["micro_batches"])):
+                    next(batches)
+                self.epoch_micro_batches = int(point["micro_batches"])
+        if point is not None:
+            if not torch.equal(self._data_rng, point["data_rng_now"]):
+                raise RuntimeError("cannot replay the data loader to the checkpoint's position: its random "
+                                   "draws differ from the interrupted run's")
+            point["restore"]()
+        return batches
+
+    def _next_micro_batch(self, batches):
+        with self._data_rng_stream():
+            mbatch = next(batches, None)
+        if mbatch is not None:
+            self.epoch_micro_batches += 1
+        return mbatch
+
     def training_epoch(self, **kwargs):
-        batches = iter(self.dataloader)
+        batches = self._open_epoch()
+        try:
+            self._training_groups(batches, **kwargs)
+        finally:
+            torch.set_rng_state(self._data_rng)  # the global stream continues after the data draws
+
+    def _training_groups(self, batches, **kwargs):
         while not self._stop_training:
             group = []
-            for mbatch in batches:
-                group.append(mbatch)
-                if len(group) == self.grad_accum:
+            while len(group) < self.grad_accum:
+                mbatch = self._next_micro_batch(batches)
+                if mbatch is None:
                     break
+                group.append(mbatch)
             if not group:
                 return
             blocks = sum(len(mbatch[0]) for mbatch in group)
@@ -168,7 +286,8 @@ class LMTemplate(SupervisedTemplate):
                 if position == 0:
                     self.optimizer.zero_grad()
                 self.is_update_step = position == len(group) - 1
-                self._loss_scale = len(self.mb_x) / blocks
+                local = 0 if self._shard_empty else len(self.mb_x)
+                self._loss_scale = distributed.world_size() * local / blocks
                 self.loss = self._make_empty_loss()
 
                 self._before_forward(**kwargs)
@@ -395,7 +514,8 @@ def _tensors(params: dict | None) -> dict | None:
 def _param_data(tensors: dict | None, device) -> dict | None:
     if tensors is None:
         return None
-    return {name: ParamData(name, init_tensor=t.to(device), device=device) for name, t in tensors.items()}
+    # A copy: plugins update these in place, and a checkpoint's state may be applied twice.
+    return {name: ParamData(name, init_tensor=t.to(device, copy=True), device=device) for name, t in tensors.items()}
 
 
 _CLOCK_COUNTERS = ("train_iterations", "train_exp_counter", "train_exp_epochs", "train_exp_iterations",
@@ -439,11 +559,12 @@ def _load_ewc(plugin: EWCPlugin, state: dict, strategy) -> None:
 
 
 def _save_si(plugin: SynapticIntelligencePlugin) -> dict:
-    # Only what outlives an experience boundary: the anchor weights, the importances and the
-    # accumulated path integral. The per-iteration buffers (old/new weights, gradient,
-    # trajectory) are overwritten or zeroed before their next use.
+    # The anchor weights, the importances, the accumulated path integral and the current
+    # experience's trajectory (non-zero inside an experience). The per-iteration buffers
+    # (old/new weights, gradient) are overwritten before their next use.
     return {"ewc_data": [_tensors(plugin.ewc_data[0]), _tensors(plugin.ewc_data[1])],
-            "cum_trajectory": _tensors(plugin.syn_data["cum_trajectory"])}
+            "cum_trajectory": _tensors(plugin.syn_data["cum_trajectory"]),
+            "trajectory": _tensors(plugin.syn_data["trajectory"])}
 
 
 def _load_si(plugin: SynapticIntelligencePlugin, state: dict, strategy) -> None:
@@ -451,8 +572,9 @@ def _load_si(plugin: SynapticIntelligencePlugin, state: dict, strategy) -> None:
     plugin.ewc_data = (_param_data(state["ewc_data"][0], "cpu"), _param_data(state["ewc_data"][1], "cpu"))
     cum = state["cum_trajectory"]
     plugin.syn_data = {key: _param_data({n: torch.zeros_like(t) for n, t in cum.items()}, "cpu")
-                       for key in ("old_theta", "new_theta", "grad", "trajectory")}
+                       for key in ("old_theta", "new_theta", "grad")}
     plugin.syn_data["cum_trajectory"] = _param_data(cum, "cpu")
+    plugin.syn_data["trajectory"] = _param_data(state["trajectory"], "cpu")
 
 
 def _save_mas(plugin: MASPlugin) -> dict:

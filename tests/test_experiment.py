@@ -1,6 +1,7 @@
 """A whole run: determinism, and resuming after the process is killed at a checkpoint boundary."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -129,3 +130,125 @@ def test_seeds_run_and_resume(tmp_path):
     assert cli.main(["run", "--resume", str(out), "--no-progress"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["loss_matrix"] == first["loss_matrix"]
+
+
+# ---- checkpoints inside an experience (checkpoint.every_steps) --------------------------------
+
+_TINY = ["stream.train_tokens=2048", "stream.test_tokens=1024", "train.batch_size=4", "checkpoint.every_steps=3",
+         "eval.curve_every=4"]
+
+
+class _Crash(Exception):
+    pass
+
+
+def _run_cut_at(cfg, out, step, monkeypatch):
+    """Run `cfg` in-process and stop it dead right after optimizer step `step` (like a kill)."""
+    from avalanche.core import SupervisedPlugin
+
+    class CrashAt(SupervisedPlugin):
+        def after_training_iteration(self, strategy, **kwargs):
+            if strategy.is_update_step and strategy.optimizer_steps == step:
+                raise _Crash()
+
+    build = experiment.Run.__init__
+
+    def build_and_arm(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        self.strategy.plugins.append(CrashAt())
+
+    with monkeypatch.context() as patch:
+        patch.setattr(experiment.Run, "__init__", build_and_arm)
+        with pytest.raises(_Crash):
+            experiment.run(cfg, out, progress=False, echo=lambda *_: None)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.grad_accum=2", "train.epochs=2", "model.dropout=0.1"],
+    ["strategy.name=replay"],
+    ["strategy.name=si"],
+    ["strategy.name=distill", "growth.schedule=boundary", "growth.experts=32", "growth.warmup_steps=3"],
+    ["strategy.name=cumulative", "growth.schedule=steps", "growth.every_steps=4", "growth.experts=16",
+     "growth.freeze=top_used"],
+    ["strategy.name=joint"],
+    ["model.ffn=moe", "growth.schedule=trigger", "growth.trigger=plateau", "growth.plateau_window=4",
+     "growth.check_every=3", "growth.experts=2"],
+], ids=["accum-epochs-dropout", "replay", "si", "distill-boundary-growth", "cumulative-step-growth", "joint",
+        "moe-trigger-growth"])
+def test_resume_inside_an_experience_gives_identical_results(tmp_path, monkeypatch, overrides):
+    cfg = resolve("smoke", overrides=_TINY + overrides)
+    quiet = lambda *_: None  # noqa: E731
+    experiment.run(cfg, tmp_path / "full", progress=False, echo=quiet)
+    steps = json.loads((tmp_path / "full" / "results.json").read_text())["experience_steps"]
+    # Past the middle of the second experience (or of the joint one), one step after a checkpoint.
+    cut = steps[0] + 3 * steps[1] // 4 + 2 if len(steps) > 1 else steps[0] // 2 + 1
+    _run_cut_at(cfg, tmp_path / "cut", cut, monkeypatch)
+    newest = checkpoint.latest(tmp_path / "cut")
+    assert checkpoint.load_state(newest)["position"] is not None  # the newest one is inside an experience
+    said = []
+    experiment.resume(tmp_path / "cut", progress=False, echo=said.append)
+    assert "inside the next experience" in said[0]
+    assert (tmp_path / "full" / "results.json").read_bytes() == (tmp_path / "cut" / "results.json").read_bytes()
+    log = (tmp_path / "cut" / "metrics.csv").read_text()
+    assert log == (tmp_path / "full" / "metrics.csv").read_text()
+
+
+def test_sigkill_inside_an_experience_then_resume_matches_uninterrupted(tmp_path):
+    sets = [arg for o in _TINY for arg in ("--set", o)]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_cli("run", "--preset", "smoke", "--out", str(full), "--no-progress", *sets),
+                   env=_env(), check=True, capture_output=True)
+    proc = subprocess.Popen(_cli("run", "--preset", "smoke", "--out", str(killed), "--no-progress", *sets),
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints" / "ckpt-000001").is_dir():  # step 3 of the first experience
+        assert proc.poll() is None, "the run ended before its first checkpoint inside an experience"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists()
+    done = subprocess.run(_cli("run", "--resume", str(killed), "--no-progress"), env=_env(), capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert "inside the next experience" in done.stdout
+    a = json.loads((full / "results.json").read_text())
+    b = json.loads((killed / "results.json").read_text())
+    for row_a, row_b in zip(a["loss_matrix"], b["loss_matrix"], strict=True):
+        assert max(abs(x - y) for x, y in zip(row_a, row_b)) <= 1e-6
+
+
+def test_agem_refuses_checkpoints_inside_experiences():
+    with pytest.raises(ConfigError, match="agem"):
+        resolve("smoke", overrides=["strategy.name=agem", "checkpoint.every_steps=5"])
+
+
+# ---- rollback after a diverged loss (train.rollback) ----------------------------------------
+
+_DIVERGING = ["stream.train_tokens=2048", "stream.test_tokens=1024", "train.batch_size=4", "train.lr=1e30",
+              "train.grad_clip=0", "train.warmup_steps=0"]
+
+
+def test_rollback_restarts_from_the_last_checkpoint_with_a_lower_learning_rate(tmp_path):
+    cfg = resolve("smoke", overrides=_DIVERGING + ["train.rollback=1", "train.rollback_lr_factor=2e-33"])
+    said = []
+    res = experiment.run(cfg, tmp_path / "r", progress=False, echo=said.append)
+    assert len(res["rollbacks"]) == 1
+    event = res["rollbacks"][0]
+    assert event["experience"] == 0 and event["resumed_step"] == 0 and event["lr_scale"] == pytest.approx(2e-33)
+    assert any("rolling back to ckpt-000000" in line for line in said)
+    assert all(math.isfinite(x) for row in res["loss_matrix"] for x in row)
+    saved = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert saved["rollbacks"] == res["rollbacks"]
+
+
+def test_rollback_gives_up_after_its_retries(tmp_path):
+    from lifelong.plugins import TrainingDiverged
+
+    cfg = resolve("smoke", overrides=_DIVERGING + ["train.rollback=2"])
+    said = []
+    with pytest.raises(TrainingDiverged):
+        experiment.run(cfg, tmp_path / "r", progress=False, echo=said.append)
+    assert sum("rolling back" in line for line in said) == 2
+    assert not (tmp_path / "r" / "results.json").exists()
+    assert checkpoint.latest(tmp_path / "r") is not None

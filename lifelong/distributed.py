@@ -1,0 +1,138 @@
+"""Data-parallel runs under `torchrun`: process group, batch sharding, collective agreement.
+
+`torchrun --nproc_per_node=N -m lifelong.cli run ...` starts N processes with RANK / WORLD_SIZE
+in their environment; `init_from_env` joins them into one process group (NCCL on CUDA, gloo on
+the CPU). Every rank builds the same stream, model and optimizer from the same seed, draws the
+same data order, and takes its own contiguous slice of every micro-batch (`shard`); the
+LM template wraps the model in DistributedDataParallel, so each optimizer step sees the
+gradient of the whole global batch, as a single process would. Evaluation is sharded the same
+way and its sums all-reduced, so the loss matrix is the single-process one up to the order of
+float additions. Only rank 0 writes the run directory.
+
+Without torchrun (or with WORLD_SIZE=1) every function here is a no-op on one process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str = "auto") -> bool:
+    """Join the torchrun process group (once); returns whether the run is distributed."""
+    if not launched():
+        return False
+    if not dist.is_initialized():
+        cuda = device != "cpu" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    _avalanche_single_process()
+    return active()
+
+
+def _avalanche_single_process() -> None:
+    """Keep Avalanche's loaders from sharding on their own.
+
+    Avalanche 0.6 gives every loader a DistributedSampler once a process group exists
+    (`DistributedHelper.is_distributed` is `torch.distributed.is_initialized()`): each rank would
+    shuffle its own shard with its own seed, and evaluation would pad shards with repeated
+    blocks. We shard every global micro-batch ourselves (`shard`), which keeps the data order
+    of a single process and evaluates each block once, so Avalanche is told it runs alone.
+    """
+    from avalanche.distributed import DistributedHelper
+
+    type(DistributedHelper).is_distributed = property(lambda self: False)
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This rank's CUDA device under torchrun (LOCAL_RANK), `device` otherwise."""
+    if active() and device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def shard_bounds(n: int) -> tuple[int, int]:
+    """This rank's contiguous slice [start, end) of a global micro-batch of n items."""
+    r, w = rank(), world_size()
+    return n * r // w, n * (r + 1) // w
+
+
+def shard(batch: list) -> list:
+    """This rank's slice of every tensor of a micro-batch (items along dim 0)."""
+    if not active():
+        return batch
+    start, end = shard_bounds(len(batch[0]))
+    return [t[start:end] if torch.is_tensor(t) and t.dim() > 0 else t for t in batch]
+
+
+def _collective(tensor: torch.Tensor, op) -> None:
+    """Run `op` on `tensor` in place, through a CUDA copy where NCCL cannot take a CPU tensor and
+    through int8 for bool tensors, which not every backend reduces."""
+    work = tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        work = work.to(torch.device("cuda", torch.cuda.current_device()))
+    if work.dtype == torch.bool:
+        work = work.to(torch.int8)
+    op(work)
+    if work is not tensor:
+        tensor.copy_(work)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (float64 sums stay float64)."""
+    if active():
+        _collective(tensor, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+    return tensor
+
+
+def agree_any(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when it is true on any rank (one decision for all: grow, stop)."""
+    if not active():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    _collective(value, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+    return bool(value.item())
+
+
+@torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every parameter and buffer of `module` equal to rank `src`'s (after growth or freezing,
+    whose inputs, e.g. recently recorded tokens, are rank-local)."""
+    if not active():
+        return
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        _collective(tensor.data, lambda t: dist.broadcast(t, src=src))
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

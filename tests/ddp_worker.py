@@ -1,0 +1,42 @@
+"""Run under torchrun by tests/test_distributed.py: train a config on every rank, then check the
+ranks' weights are identical (written by rank 0 as JSON). Not a test module itself."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lifelong import distributed, experiment
+from lifelong.config import resolve
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def main(out: str, *overrides: str) -> None:
+    cfg = resolve("smoke", overrides=list(overrides))
+    distributed.init_from_env(cfg.train.device)
+    out_dir = Path(out)
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    session = experiment.Run(cfg, out_dir, progress_bars=False, echo=lambda *_: None)
+    result = session.execute()
+    digests = [None] * distributed.world_size()
+    dist.all_gather_object(digests, weights_digest(session.model))
+    if distributed.is_main():
+        (out_dir / "ranks.json").write_text(json.dumps({"digests": digests, "num_experts": result["num_experts"],
+                                                       "growth_events": len(result["growth_events"])}))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
