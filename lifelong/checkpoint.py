@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -95,10 +95,12 @@ def latest(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any], keep: int = 1) -> Path:
+def save(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any], keep: int = 1,
+         weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a new checkpoint atomically; keep the `keep` newest complete ones.
 
-    `state` must hold only tensors, numbers, strings, None, lists, tuples and dicts.
+    `state` must hold only tensors, numbers, strings, None, lists, tuples and dicts. `weights`: the
+    model's full state dict when `model` itself cannot give it (FSDP-sharded parameters).
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,10 @@ def save(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any], kee
     number = existing[-1][0] + 1 if existing else 0
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
-        save_model(model, str(tmp / MODEL_FILE))
+        if weights is None:
+            save_model(model, str(tmp / MODEL_FILE))
+        else:  # one tensor per name (tied weights each get their copy)
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, str(tmp / MODEL_FILE))
         torch.save({"format": FORMAT, **state}, tmp / STATE_FILE)
         for name in (MODEL_FILE, STATE_FILE):
             _fsync_file(tmp / name)
@@ -138,6 +143,17 @@ def load_state(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {state_file} is not a lifelong-experts checkpoint")
     return state
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of `model.safetensors` in checkpoint folder `path` (for a model sharded with FSDP)."""
+    weights = Path(path) / MODEL_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {MODEL_FILE}")
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"checkpoint {weights} is corrupted ({err})") from None
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:

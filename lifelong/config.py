@@ -213,6 +213,9 @@ class TrainConfig:
     eval_batch_size: int = 64
     device: str = "auto"
     """"auto" (CUDA when available), "cpu" or "cuda"."""
+    parallel: str = "ddp"
+    """Under torchrun: "ddp" (DistributedDataParallel, full replicas) or "fsdp" (FSDP2: parameters,
+    gradients and optimizer state sharded over the ranks; no growth, naive/replay/cumulative/joint only)."""
     rollback: int = 0
     """Times a diverged run (NaN/Inf loss) restarts from its last checkpoint with a lower lr (0 = stop)."""
     rollback_lr_factor: float = 0.5
@@ -234,6 +237,7 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         _check_choice("train", "precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train", "device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("train", "parallel", self.parallel, ("ddp", "fsdp"))
 
 
 @dataclass
@@ -265,6 +269,8 @@ class DistillConfig:
 
 
 PER_PARAMETER_STRATEGIES = ("ewc", "si", "mas")
+# Strategies that run with FSDP-sharded parameters: none keeps a copy of the model or per-parameter state.
+FSDP_STRATEGIES = ("naive", "replay", "cumulative", "joint")
 STRATEGIES = ("naive", "replay", "ewc", "si", "mas", "agem", "cumulative", "joint", "distill")
 
 
@@ -413,6 +419,14 @@ class RunConfig:
             # A micro-batch can be a single block; batch statistics of one token do not exist.
             raise ConfigError("model.peer.query_norm 'batchnorm' needs stream.block_len >= 2 "
                               "(or use layernorm, rmsnorm or none)")
+        if self.train.parallel == "fsdp":
+            if growing:
+                raise ConfigError("growth with train.parallel 'fsdp' is not supported: growing a sharded expert "
+                                  "table needs a re-shard of the model and optimizer (use train.parallel=ddp)")
+            if self.strategy.name not in FSDP_STRATEGIES:
+                raise ConfigError(f"strategy.name {self.strategy.name!r} with train.parallel 'fsdp' is not "
+                                  f"supported: it keeps copies of the whole model or per-parameter state "
+                                  f"(fsdp runs {', '.join(FSDP_STRATEGIES)}; use train.parallel=ddp)")
         if self.checkpoint.every_steps and self.strategy.name == "agem":
             raise ConfigError("checkpoint.every_steps is not supported with strategy.name 'agem': its memory "
                               "sampler cannot be put back mid-experience (agem checkpoints at stages only; "

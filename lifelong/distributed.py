@@ -14,6 +14,7 @@ Without torchrun (or with WORLD_SIZE=1) every function here is a no-op on one pr
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -136,3 +137,66 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- FSDP2: sharded parameters (train.parallel = "fsdp") ---------------------------------------
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """Shard `model` over the ranks with FSDP2: every transformer block is one unit (its
+    parameters, expert tables included, gathered for its forward and backward only), the
+    embeddings and head form the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts on the CPU (collective: every rank calls it);
+    the optimizer's is keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    fresh = not optimizer.state
+    model_state, optim_state = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if fresh:  # get_state_dict fills an empty optimizer state with a zero step (Adam's step count 1): undo
+        optimizer.state.clear()
+        optim_state["state"] = {}
+    return model_state, optim_state
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                    optim_state: dict) -> None:
+    """Load `full_state` dicts (read by every rank) into the sharded model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))
+    if not optim_state["state"]:  # saved before the first step: drop the zero step set_state_dict takes
+        optimizer.state.clear()
+
+
+@contextlib.contextmanager
+def unsharded(model: torch.nn.Module):
+    """Gather every FSDP unit's parameters for a block that calls submodules outside the model's
+    forward (e.g. a PEER layer's `route` in the stage snapshots); reshard after (collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)] if active() else []
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)  # or a forward inside would reshard
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)

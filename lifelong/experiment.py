@@ -131,6 +131,9 @@ class Run:
         self.bench = load_stream(cfg)
         self.domains = self.bench.domains
         self.model = build_model(cfg, self.bench.vocab_size)
+        self.sharded = distributed.active() and cfg.train.parallel == "fsdp"
+        if self.sharded:  # FSDP2 before the optimizer, which must hold the sharded parameters
+            distributed.shard_model(self.model.to(self.device))
         self.optimizer = build_optimizer(self.model, cfg)
         # Warm-in of grown keys and the frozen-expert guard run as hooks on this optimizer.
         if self.model.expert_layers():
@@ -182,13 +185,17 @@ class Run:
         """Checkpoint at a stage, or inside an experience at the strategy's `position` (rank 0 writes)."""
         self.progress.elapsed_seconds += time.perf_counter() - self.started
         self.started = time.perf_counter()
+        weights = optimizer = None
+        if self.sharded:  # gathered by every rank, written by rank 0
+            weights, optimizer = distributed.full_state(self.model, self.optimizer)
         if not self.main:
             return
         state = {
             "config": self.cfg.to_dict(),
             "progress": self.progress.as_state(),
             "position": position,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if optimizer is None else optimizer,
+            "optimizer_format": "fsdp" if self.sharded else "plain",
             "strategy": strategy_state_dict(self.strategy),
             "metric_counters": {"stage": self.domain_loss.stage, "train_step": self.train_loss.step,
                                 "usage_stage": self.expert_usage.stage, "train_window": self.train_loss.window()},
@@ -196,7 +203,7 @@ class Run:
             "manual_growth_events": self.manual_growth,
             "rng": checkpoint.rng_state(),
         }
-        checkpoint.save(self.out_dir, self.model, state, keep=self.cfg.checkpoint.keep)
+        checkpoint.save(self.out_dir, self.model, state, keep=self.cfg.checkpoint.keep, weights=weights)
 
     def save_inside(self) -> None:
         """The periodic checkpoint inside an experience (PeriodicCheckpointPlugin)."""
@@ -209,9 +216,17 @@ class Run:
         `train(experience)` replays the data loader to the saved position, and only after the
         experience-start hooks have run are the plugin state, metric windows and RNG put back.
         """
-        checkpoint.load_weights(path, self.model)
-        self.model.to(self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if (state.get("optimizer_format", "plain") == "fsdp") != self.sharded:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} was written {'with' if not self.sharded else 'without'} FSDP-sharded "
+                f"parameters; resume it {'under torchrun with ' if not self.sharded else 'with '}the same "
+                "train.parallel setting")
+        if self.sharded:
+            distributed.load_full_state(self.model, self.optimizer, checkpoint.read_weights(path), state["optimizer"])
+        else:
+            checkpoint.load_weights(path, self.model)
+            self.model.to(self.device)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.progress = Progress(**state["progress"])
         self.manual_growth = list(state["manual_growth_events"])
         self.domain_loss.stage = state["metric_counters"]["stage"]
@@ -248,8 +263,12 @@ class Run:
         self.progress.eval_seconds += time.perf_counter() - t0
         self.progress.stages.append(stage)
         self.progress.num_experts.append(self.model.num_experts())
-        if self.main:
+        if self.sharded:  # gathering sharded parameters is collective: every rank takes part
+            with distributed.unsharded(self.model):
+                tensors = snapshots.stage_tensors(self.model, self.probes, self._stage_usage)
+        elif self.main:
             tensors = snapshots.stage_tensors(self.model, self.probes, self._stage_usage)
+        if self.main:
             snapshots.write(self.out_dir, len(self.progress.stages) - 1, tensors)
         self._stage_usage = {}
 
@@ -426,6 +445,8 @@ def grow_checkpoint(path: str | Path, experts_per_layer: int, warmup_steps: int 
     run_dir = folder.parent.parent
     cfg = read_run_config(run_dir)
     state = checkpoint.load_state(folder)
+    if state.get("optimizer_format", "plain") != "plain":
+        raise ConfigError(f"{folder} was written with FSDP-sharded parameters, whose growth is not supported")
     bench = load_stream(cfg)
     model = build_model(cfg, bench.vocab_size)
     checkpoint.load_weights(folder, model)

@@ -58,10 +58,10 @@ def stage_tensors(model, probes: dict[str, torch.Tensor], usage: dict | None) ->
     for name, layer in layers.items():
         out[f"generation/{name}"] = layer.expert_generation().cpu()
         if isinstance(layer, PEER):
-            out[f"keys1/{name}"] = layer.codebooks.keys1.detach().float().cpu()
-            out[f"keys2/{name}"] = layer.codebooks.keys2.detach().float().cpu()
+            out[f"keys1/{name}"] = _full(layer.codebooks.keys1).float().cpu()
+            out[f"keys2/{name}"] = _full(layer.codebooks.keys2).float().cpu()
         elif isinstance(layer, MoE):
-            out[f"router/{name}"] = layer.router.weight.detach().float().cpu()
+            out[f"router/{name}"] = _full(layer.router.weight).float().cpu()
     if not layers:
         return out  # a dense model: nothing is routed
     device = next(model.parameters()).device
@@ -72,6 +72,13 @@ def stage_tensors(model, probes: dict[str, torch.Tensor], usage: dict | None) ->
                 _, ids = layer.route(inputs[name])
             out[f"routes/{name}/{domain}"] = ids.to(torch.int32).cpu()
     return out
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """A copy of a parameter's whole value, also under FSDP: a DTensor is gathered (collective),
+    and an unsharded view is copied before its gathered storage is freed again."""
+    data = param.detach()
+    return data.full_tensor() if hasattr(data, "full_tensor") else data.clone()
 
 
 def write(run_dir: str | Path, stage: int, tensors: dict[str, torch.Tensor]) -> Path:

@@ -164,7 +164,12 @@ class LMTemplate(SupervisedTemplate):
         return torch.autocast(device_type=self.device.type, dtype=self.precision_dtype)
 
     def forward(self):
-        model = self._ddp_model() if self.is_training and distributed.active() else self.model
+        model = self.model
+        if self.is_training and distributed.active():
+            if distributed.is_sharded(model):  # FSDP2: reduce-scatter gradients on update steps only
+                model.set_requires_gradient_sync(self.is_update_step)
+            else:
+                model = self._ddp_model()
         with self.autocast():
             return model(self.mb_x)
 
@@ -187,9 +192,10 @@ class LMTemplate(SupervisedTemplate):
         self._shard_empty = False
         if distributed.active():
             local = distributed.shard(list(self.mbatch))
-            # A rank whose slice is empty (a last micro-batch smaller than the world) still runs
-            # the whole micro-batch with a zero loss scale, so every rank joins the all-reduce.
-            self._shard_empty = len(local[0]) == 0
+            # A rank whose training slice is empty (a last micro-batch smaller than the world)
+            # still runs the whole micro-batch with a zero loss scale, so every rank joins the
+            # gradient all-reduce; an empty evaluation slice stays empty.
+            self._shard_empty = self.is_training and len(local[0]) == 0
             self.mbatch = self.mbatch if self._shard_empty else local
         super()._unpack_minibatch()
 

@@ -81,3 +81,52 @@ def test_torchrun_resumes_a_run_inside_an_experience(tmp_path, monkeypatch):
     assert "inside the next experience" in done.stdout
     resumed = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert _max_diff(resumed, full) <= 1e-5
+
+
+def test_fsdp_sharded_run_killed_and_resumed_matches_a_single_process(tmp_path):
+    import signal
+    import time
+
+    sets = [a for o in _SMALL + ["train.parallel=fsdp", "train.batch_size=4", "checkpoint.every_steps=3"]
+            for a in ("--set", o)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run_dir = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "lifelong.cli", "run", "--preset", "smoke", "--out", str(run_dir),
+           "--no-progress", *sets]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "ckpt-000003").is_dir():  # inside the second experience
+        assert proc.poll() is None, "the run ended before the checkpoint the test waits for"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    proc.wait()
+    assert not (run_dir / "results.json").exists()
+    done = _torchrun("-m", "lifelong.cli", "run", "--resume", str(run_dir), "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads((run_dir / "results.json").read_text())
+    single = experiment.run(resolve("smoke", overrides=_SMALL + ["train.batch_size=4"]), tmp_path / "single",
+                            progress=False, echo=lambda *_: None)
+    assert _max_diff(resumed, single) <= 1e-5
+
+
+def test_fsdp_refuses_growth_and_strategies_that_copy_the_model():
+    from lifelong.config import ConfigError
+
+    with pytest.raises(ConfigError, match="re-shard"):
+        resolve("smoke", overrides=["train.parallel=fsdp", "growth.schedule=boundary"])
+    with pytest.raises(ConfigError, match="'distill' with train.parallel 'fsdp'"):
+        resolve("smoke", overrides=["train.parallel=fsdp", "strategy.name=distill"])
+
+
+def test_a_sharded_checkpoint_is_refused_without_sharding(tmp_path):
+    from lifelong import checkpoint
+
+    run_dir = tmp_path / "fsdp"
+    done = _torchrun("-m", "lifelong.cli", "run", "--preset", "smoke", "--out", str(run_dir), "--no-progress",
+                     *[a for o in _SMALL + ["train.parallel=fsdp"] for a in ("--set", o)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir / "results.json").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="FSDP"):
+        experiment.resume(run_dir, progress=False, echo=lambda *_: None)
