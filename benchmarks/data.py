@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -33,24 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import machine  # noqa: E402
 from scenarios import STATS, ByteTokenizer, DomainSpec, build_benchmark, get_tokenizer  # noqa: E402
 from scenarios.blocks import build_domain_blocks  # noqa: E402
 from scenarios.sources import PythonSource  # noqa: E402
-
-
-def machine() -> dict:
-    import numpy
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "platform": platform.platform(), "load_average_1min": round(load, 2)}
 
 
 def sample_docs(megabytes: float) -> list[str]:

@@ -213,6 +213,9 @@ class TrainConfig:
     eval_batch_size: int = 64
     device: str = "auto"
     """"auto" (CUDA when available), "cpu" or "cuda"."""
+    optimizer: str = "adamw"
+    """"adamw" (torch AdamW) or "rowwise_adamw" (PEER expert tables updated only in the rows a step
+    retrieved, lazy moments, exact deferred weight decay: experts/optim.py)."""
     parallel: str = "ddp"
     """Under torchrun: "ddp" (DistributedDataParallel, full replicas) or "fsdp" (FSDP2: parameters,
     gradients and optimizer state sharded over the ranks; no growth, naive/replay/cumulative/joint only)."""
@@ -238,6 +241,10 @@ class TrainConfig:
         _check_choice("train", "precision", self.precision, ("auto", "fp32", "bf16"))
         _check_choice("train", "device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("train", "parallel", self.parallel, ("ddp", "fsdp"))
+        _check_choice("train", "optimizer", self.optimizer, ("adamw", "rowwise_adamw"))
+        if self.optimizer == "rowwise_adamw" and self.parallel == "fsdp":
+            raise ConfigError("train.optimizer 'rowwise_adamw' cannot update FSDP-sharded tables "
+                              "(use train.parallel=ddp or train.optimizer=adamw)")
 
 
 @dataclass

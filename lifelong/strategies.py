@@ -57,6 +57,7 @@ from avalanche.training.utils import ParamData
 from torch.utils.data import DataLoader, TensorDataset
 
 from experts import PEER, MoE, ProductKeys, QueryNorm
+from experts.optim import RowAdamW, rowwise_groups
 from lifelong import distributed
 from lifelong.config import ConfigError, RunConfig
 from lifelong.plugins import (
@@ -381,9 +382,18 @@ def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW over `param_groups` (all three always present, so checkpoints share one layout)."""
+    """AdamW over `param_groups` (all three always present, so checkpoints share one layout).
+
+    `train.optimizer: rowwise_adamw`: experts.optim.RowAdamW, the same AdamW for every group plus
+    a fourth, "experts_rows", holding the PEER expert tables, updated only in the rows a step
+    retrieved (lazy moments, exact deferred weight decay; identical to AdamW while every row is
+    retrieved every step).
+    """
+    groups = param_groups(model, cfg)
     # foreach=False keeps updates bit-reproducible and cheap on small CPU models.
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr, betas=(0.9, 0.95), foreach=False)
+    if cfg.train.optimizer == "rowwise_adamw":
+        return RowAdamW(rowwise_groups(model, groups), lr=cfg.train.lr, betas=(0.9, 0.95), foreach=False)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(0.9, 0.95), foreach=False)
 
 
 # ---------------------------------------------------------------------------------------------

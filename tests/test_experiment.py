@@ -171,10 +171,11 @@ def _run_cut_at(cfg, out, step, monkeypatch):
     ["strategy.name=cumulative", "growth.schedule=steps", "growth.every_steps=4", "growth.experts=16",
      "growth.freeze=top_used"],
     ["strategy.name=joint"],
+    ["train.optimizer=rowwise_adamw", "growth.schedule=boundary", "growth.experts=16", "growth.freeze=existing"],
     ["model.ffn=moe", "growth.schedule=trigger", "growth.trigger=plateau", "growth.plateau_window=4",
      "growth.check_every=3", "growth.experts=2"],
 ], ids=["accum-epochs-dropout", "replay", "si", "distill-boundary-growth", "cumulative-step-growth", "joint",
-        "moe-trigger-growth"])
+        "rowwise-adamw-growth-freeze", "moe-trigger-growth"])
 def test_resume_inside_an_experience_gives_identical_results(tmp_path, monkeypatch, overrides):
     cfg = resolve("smoke", overrides=_TINY + overrides)
     quiet = lambda *_: None  # noqa: E731

@@ -1,0 +1,171 @@
+"""Training throughput of the matched-compute presets: iso-dense, iso-moe, iso-peer.
+
+    python benchmarks/train_step.py                              # CPU, the presets as they are
+    python benchmarks/train_step.py --device cuda --steps 20
+    python benchmarks/train_step.py --device cuda --set model.peer.num_experts=1048576 --json train.json
+
+Each preset's model is built exactly as a run builds it (``lifelong.config.resolve`` and
+``lifelong.model.LanguageModel``, vocabulary of the preset's tokenizer, context = block_len) and
+trained on random token blocks of the preset's ``stream.block_len`` x ``train.batch_size``: one
+step = forward (under the run's autocast: bf16 on CUDA with precision auto) + next-token loss
+(plus the FFNs' auxiliary losses) + backward + gradient clipping (train.grad_clip) + optimizer
+step + zero_grad, with the growth / freeze hooks attached as in a run (experts.attach).
+
+Optimizers: ``adamw`` is ``lifelong.strategies.build_optimizer`` (torch AdamW, foreach=False);
+``rowwise`` is experts.optim.RowAdamW over the same parameter groups with the PEER expert tables
+moved to a row-wise group (``rowwise_groups``), the same betas and settings. It only differs for
+models with PEER layers, so it is run for those only.
+
+Timing: the (preset, optimizer) pairs are interleaved step by step, each step timed alone
+(synchronised on CUDA), ``--warmup`` untimed steps first; tokens/s = tokens per step / median
+step time; "opt ms" is the median of ``optimizer.step()`` alone (hooks included). Other processes on a shared machine slow everything down: the load average is
+printed before and after. Nothing here is asserted; tests never time anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import experts  # noqa: E402
+from benchmarks.common import load_average, machine, write_json  # noqa: E402
+from experts.optim import RowAdamW, rowwise_groups  # noqa: E402
+from lifelong.config import resolve  # noqa: E402
+from lifelong.model import LanguageModel  # noqa: E402
+from lifelong.strategies import LMCriterion, autocast_dtype, build_optimizer, param_groups  # noqa: E402
+from scenarios import get_tokenizer  # noqa: E402
+
+PRESETS = ("iso-dense", "iso-moe", "iso-peer")
+OPTIMIZERS = ("adamw", "rowwise")
+
+
+def build_rowwise(model, cfg) -> RowAdamW:
+    """build_optimizer's groups and settings, expert tables row-wise."""
+    return RowAdamW(rowwise_groups(model, param_groups(model, cfg)), lr=cfg.train.lr, betas=(0.9, 0.95),
+                    foreach=False)
+
+
+class Trainer:
+    """One (preset, optimizer) pair: model, optimizer and a fixed random batch."""
+
+    def __init__(self, preset: str, optimizer: str, overrides: list[str], device: torch.device, seed: int):
+        self.cfg = cfg = resolve(preset, overrides=overrides)
+        self.name, self.optimizer_name, self.device = preset, optimizer, device
+        torch.manual_seed(seed)
+        vocab = get_tokenizer(cfg.stream.tokenizer).vocab_size
+        self.model = LanguageModel(cfg.model, vocab_size=vocab, context=cfg.stream.block_len).to(device)
+        self.optimizer = build_optimizer(self.model, cfg) if optimizer == "adamw" else build_rowwise(self.model, cfg)
+        if self.model.expert_layers():
+            experts.attach(self.model, self.optimizer)
+        self.criterion = LMCriterion()
+        self.dtype = autocast_dtype(cfg.train.precision, device)
+        shape = (cfg.train.batch_size, cfg.stream.block_len)
+        self.x = torch.randint(vocab, shape, device=device)
+        self.y = torch.randint(vocab, shape, device=device)
+        self.tokens = self.x.numel()
+        self.times: list[float] = []  # whole training steps
+        self.step_times: list[float] = []  # optimizer.step() alone
+        self.last_step_time = 0.0
+
+    def step(self) -> float:
+        model, opt = self.model, self.optimizer
+        start = time.perf_counter()
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = model(self.x)
+        loss = self.criterion(logits, self.y) + model.aux_loss()
+        loss.backward()
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
+        self._sync()
+        before_step = time.perf_counter()
+        opt.step()
+        self._sync()
+        self.last_step_time = time.perf_counter() - before_step
+        opt.zero_grad(set_to_none=True)
+        self._sync()
+        return time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def summary(self) -> dict:
+        median = statistics.median(self.times)
+        peer = [m for m in self.model.expert_layers().values() if isinstance(m, experts.PEER)]
+        return {"preset": self.name, "optimizer": self.optimizer_name, "tokens_per_step": self.tokens,
+                "ms_per_step": median * 1e3, "tokens_per_s": self.tokens / median,
+                "optimizer_ms": statistics.median(self.step_times) * 1e3,
+                "params": sum(p.numel() for p in self.model.parameters()),
+                "num_experts": self.model.num_experts(), "peer_experts": sum(m.num_experts for m in peer),
+                "steps_timed": len(self.times)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="adamw,rowwise")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per (preset, optimizer)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override applied to every preset, e.g. model.peer.num_experts=1048576")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    if any(o not in OPTIMIZERS for o in optimizers) or args.steps < 1 or args.warmup < 0:
+        parser.error(f"--optimizers from {OPTIMIZERS}, --steps >= 1, --warmup >= 0")
+
+    info = machine(device)
+    print(f"# {info}")
+    trainers = []
+    for preset in presets:
+        for optimizer in optimizers:
+            trainer = Trainer(preset, optimizer, args.overrides, device, args.seed)
+            if optimizer == "rowwise" and not any(isinstance(m, experts.PEER) for m in trainer.model.modules()):
+                continue  # no expert tables: identical to adamw
+            trainers.append(trainer)
+    if not trainers:
+        parser.error("nothing to run: the rowwise optimizer only runs for presets with PEER layers")
+    for rnd in range(args.warmup + args.steps):
+        for trainer in trainers[rnd % len(trainers):] + trainers[:rnd % len(trainers)]:
+            elapsed = trainer.step()
+            if rnd >= args.warmup:
+                trainer.times.append(elapsed)
+                trainer.step_times.append(trainer.last_step_time)
+    results = [t.summary() for t in trainers]
+    by_key = {(r["preset"], r["optimizer"]): r for r in results}
+    print(f"{'preset':>10} {'optimizer':>9} {'params':>10} {'experts':>8} {'ms/step':>9} {'opt ms':>8} "
+          f"{'tokens/s':>10} {'vs iso-dense':>12}")
+    for r in results:
+        dense = by_key.get(("iso-dense", "adamw"))
+        ratio = r["tokens_per_s"] / dense["tokens_per_s"] if dense else float("nan")
+        r["ratio_to_iso_dense"] = ratio
+        print(f"{r['preset']:>10} {r['optimizer']:>9} {r['params']:>10} {r['num_experts']:>8} "
+              f"{r['ms_per_step']:9.1f} {r['optimizer_ms']:8.1f} {r['tokens_per_s']:10.0f} {ratio:12.2f}")
+    peer, dense = by_key.get(("iso-peer", "adamw")), by_key.get(("iso-dense", "adamw"))
+    if peer and dense:
+        line = f"# peer/dense tokens/s: {peer['tokens_per_s'] / dense['tokens_per_s']:.2f} (adamw)"
+        if ("iso-peer", "rowwise") in by_key:
+            line += f", {by_key[('iso-peer', 'rowwise')]['tokens_per_s'] / dense['tokens_per_s']:.2f} (rowwise)"
+        print(line)
+    info["load_average_1min_after"] = load_average()
+    print(f"# median of {args.steps} interleaved steps after {args.warmup} warm-up; load average (1 min) "
+          f"before {info['load_average_1min']}, after {info['load_average_1min_after']}")
+    write_json(args.json, machine=info, args=vars(args), results=results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
