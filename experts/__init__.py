@@ -7,8 +7,12 @@ aux_metrics(), flops_per_token(), num_params() and active_params_per_token().
 PEER and MoE grow online (``layer.grow(n, optimizer=opt)``, function-preserving, DESIGN.md
 section 5) and experts can be frozen (``freeze``); after loading a checkpoint in a fresh process
 re-install the optimizer hooks with ``attach(model, optimizer)`` (see experts/growth.py).
+
+PEER's compute path (``PEER(..., kernel="auto" | "reference" | "bag" | "triton")``, or the
+EXPERTS_KERNEL environment variable) is described in experts/kernels; triton is optional.
 """
 
+from . import kernels
 from .dense import DenseFFN
 from .growth import (append_rows_, attach, attached_optimizers, detach, freeze, freeze_existing, freeze_top_used,
                      frozen_ids, kmeans, unfreeze)
@@ -23,5 +27,5 @@ __all__ = [
     "load_balancing_loss", "router_z_loss",
     "track_usage", "jaccard_overlap", "expert_set", "usage_fraction", "kl_to_uniform",
     "attach", "detach", "attached_optimizers", "freeze", "unfreeze", "frozen_ids", "freeze_existing",
-    "freeze_top_used", "append_rows_", "kmeans",
+    "freeze_top_used", "append_rows_", "kmeans", "kernels",
 ]

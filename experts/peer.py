@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import growth
+from . import growth, kernels
 from .dense import activation_fn, check_choice, check_dropout, check_int
 from .product_keys import ProductKeys, check_top_k
 
@@ -116,6 +116,14 @@ class PEER(nn.Module):
 
     Dropout (``dropout``) is applied to the layer's output, as in nanoGPT's MLP.
 
+    Compute path (``kernel``, also a plain attribute that may be changed at any time; see
+    experts/kernels): "auto" (default) runs the Triton kernels on CUDA when triton imports and the
+    fused embedding-bag path ("bag", no [T, M, D] gathered tensors) otherwise; "reference" forces
+    the plain torch implementation (einsum scores, torch.topk, two F.embedding gathers, einsum
+    mixing); "bag" and "triton" force those paths. The environment variable EXPERTS_KERNEL
+    overrides "auto". All paths compute the same function; "triton" breaks top-k ties by lowest
+    index (torch.topk leaves them unspecified) and sums in fp32 in its own order.
+
     Usage recording: set ``layer.usage_counter = UsageCounter(layer.num_experts, layer.heads)``
     (or call experts.usage.track_usage(layer)); while the layer is in eval mode every forward adds
     its routing weights to the counter. Training forwards are not recorded.
@@ -128,7 +136,7 @@ class PEER(nn.Module):
 
     def __init__(self, dim: int, num_experts, heads: int = 8, top_k: int = 16, key_dim: int = 128,
                  activation: str = "gelu", query_norm: str = "batchnorm", score: str = "softmax",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, kernel: str = "auto"):
         super().__init__()
         check_int("dim", dim)
         check_int("heads", heads)
@@ -141,6 +149,8 @@ class PEER(nn.Module):
         check_choice("query_norm", query_norm, QUERY_NORMS)
         check_choice("score", score, SCORES)
         check_dropout(dropout)
+        kernels.check_kernel(kernel)
+        self.kernel = kernel
         self.dim, self.heads, self.top_k, self.key_dim = dim, heads, top_k, key_dim
         self.activation, self.query_norm, self.score = activation, query_norm, score
         self.act = activation_fn(activation)
@@ -190,9 +200,15 @@ class PEER(nn.Module):
     def _queries(self, x_TD: torch.Tensor) -> torch.Tensor:
         return self.norm(self.query(x_TD))  # [T, H, key_dim]
 
-    def _route(self, x_TD: torch.Tensor):
+    def _path(self, x_TD: torch.Tensor) -> str:
+        """The compute path of this call: kernels.resolve of ``self.kernel`` for these tensors."""
+        return kernels.resolve(self.kernel, x_TD, self.expert_u)
+
+    def _route(self, x_TD: torch.Tensor, path: str | None = None):
         """(weights [T, H, K], ids [T, H, K]): what forward mixes with."""
-        scores_THK, ids_THK = self.codebooks.topk(self._queries(x_TD), self.top_k)
+        cb = self.codebooks
+        scores_THK, ids_THK = kernels.retrieve(path or self._path(x_TD), self._queries(x_TD), cb.keys1, cb.keys2,
+                                               cb.offset1, self.top_k)
         if self.score == "softmax":
             weights_THK = scores_THK.softmax(dim=-1)
         else:
@@ -219,23 +235,19 @@ class PEER(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_TD = self._flatten(x)
-        weights_THK, ids_THK = self._route(x_TD)
+        if x_TD.shape[0] == 0:  # no tokens (e.g. an empty shard of a batch): nothing to route
+            return x.new_zeros(x.shape)
+        path = self._path(x_TD)
+        weights_THK, ids_THK = self._route(x_TD, path)
         if self.usage_counter is not None and not self.training:
             if self.usage_counter.num_experts < self.num_experts:  # the pool grew
                 self.usage_counter.grow_to(self.num_experts)
             self.usage_counter.update(weights_THK.detach(), ids_THK)
-        # M = heads * top_k experts per token. Gather their vectors, [T, M, D] each (embedding
-        # lookups, whose backward scatters into the [N, D] tables), then two batched mat-vecs
-        # (bmm measured ~10% faster than the equivalent einsums on CPU).
-        ids_TM = ids_THK.reshape(x_TD.shape[0], -1)
-        u_TMD, v_TMD = self.experts(ids_TM)
-        if self.has_frozen():  # frozen experts compute as usual but receive no gradient
-            frozen_TM1 = self.frozen[ids_TM].unsqueeze(-1)
-            u_TMD = torch.where(frozen_TM1, u_TMD.detach(), u_TMD)
-            v_TMD = torch.where(frozen_TM1, v_TMD.detach(), v_TMD)
-        h_TM = torch.bmm(u_TMD, x_TD.unsqueeze(-1)).squeeze(-1)              # u_i . x
-        a_TM = self.act(h_TM) * weights_THK.reshape(h_TM.shape)               # g_i(x) act(u_i . x)
-        y_TD = torch.bmm(a_TM.unsqueeze(1).to(v_TMD.dtype), v_TMD).squeeze(1)  # sum_i g_i act(.) v_i
+        # M = heads * top_k experts per token: y = sum_m w_m act(u_m . x) v_m (kernels.mix;
+        # frozen experts compute as usual but their rows receive zero gradient)
+        T = x_TD.shape[0]
+        y_TD = kernels.mix(path, x_TD, weights_THK.reshape(T, -1), ids_THK.reshape(T, -1), self.expert_u,
+                           self.expert_v, self.activation, self.frozen if self.has_frozen() else None)
         return self.dropout(y_TD).reshape(x.shape)
 
     # ---- growth (DESIGN.md section 5; mechanics and schedule in experts/growth.py) ------------
@@ -386,4 +398,5 @@ class PEER(nn.Module):
         n1, n2 = self.grid
         return (f"dim={self.dim}, num_experts={self.num_experts} ({n1}x{n2}), heads={self.heads}, "
                 f"top_k={self.top_k}, key_dim={self.key_dim}, activation={self.activation!r}, "
-                f"query_norm={self.query_norm!r}, score={self.score!r}")
+                f"query_norm={self.query_norm!r}, score={self.score!r}"
+                + (f", kernel={self.kernel!r}" if self.kernel != "auto" else ""))

@@ -247,3 +247,8 @@ def test_flops_and_params_hand_counted():
     rms = PEER(dim=4, num_experts=(2, 3), heads=1, top_k=2, key_dim=2, query_norm="rmsnorm")
     assert rms.num_params() == layer.num_params() + 2
 
+
+
+def test_forward_of_no_tokens_is_empty():
+    layer = PEER(dim=8, num_experts=16, heads=2, top_k=2, key_dim=4).eval()
+    assert layer(torch.zeros(0, 5, 8)).shape == (0, 5, 8)

@@ -1,0 +1,134 @@
+"""Expert mixing with fused embedding-bag operators: the fast CPU path (runs on any device).
+
+PEER's expert part, y_t = sum_m w_tm act(u_{e_tm} . x_t) v_{e_tm} (He 2024, section 2, eq. (1) with
+singleton-MLP experts), is four sparse-times-dense products with T*M nonzeros, where S_c is the
+[T, N] matrix with S_c[t, e_tm] += c_tm (duplicate ids within a token add up, as they should):
+
+    forward   h  = gather-dot(U, x)          h_tm  = u_{e_tm} . x_t     (sampled  X U^T)
+              y  = S_a V                     a_tm  = w_tm act(h_tm)
+    backward  g  = gather-dot(V, dy)         g_tm  = v_{e_tm} . dy_t    (dL/da)
+              dx = S_dh U                    dh_tm = g_tm w_tm act'(h_tm)
+              dU = S_dh^T X,  dV = S_a^T dY  (per expert row, from the slots that used it)
+
+torch's embedding-bag kernels do exactly these, row by row, without ever writing the gathered
+[T, M, D] tensors that F.embedding + einsum materialise (2 x 268 MB at T=2048, M=128, D=256):
+    F.embedding_bag(mode="sum", per_sample_weights=c)      S_c @ table        (fbgemm on CPU)
+    aten._embedding_bag_per_sample_weights_backward        gather-dot         (one dot per slot)
+    aten._embedding_bag_dense_backward                     S_c^T @ rows: sorts the slots by
+                                                           expert id and accumulates each
+                                                           expert's row once (bucketed backward)
+The last two are private aten operators (stable since torch 1.x; the pinned torch is 2.14); the
+tests compare this path against the reference in float64 and with gradcheck.
+
+Only ids, weights, x and h [T, M] are saved for backward (and references to the tables). Computation is in float32 for
+bf16/fp16 tables (the CPU operators would accumulate the gradient rows in bf16, ~1% error: the
+tables are upcast per call, a copy of N x D each) and in the tables' dtype otherwise; the output
+has promote_types(x, table) dtype, gradients their inputs' dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+_SUM = 0  # embedding-bag mode "sum"
+
+
+class _Bags:
+    """The embedding-bag bookkeeping of T bags of M slots each: flat ids [T*M], offsets [T],
+    offset2bag [T*M] (the bag = token of each slot) and bag sizes [T]."""
+
+    def __init__(self, ids_TM: torch.Tensor):
+        T, M = ids_TM.shape
+        dev = ids_TM.device
+        self.T, self.M = T, M
+        self.ids_S = ids_TM.reshape(-1)
+        self.offsets_T = torch.arange(0, T * M, M, device=dev)
+        self.bag_S = torch.arange(T, device=dev).repeat_interleave(M)
+        self.size_T = torch.full((T,), M, dtype=torch.int64, device=dev)
+
+    def gather_dot(self, table_ND: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
+        """[T, M]: table[ids[t, m]] . x[t]."""
+        out_S = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            x_TD, table_ND, self.ids_S, self.offsets_T, self.bag_S, _SUM, -1)
+        return out_S.view(self.T, self.M)
+
+    def gather_sum(self, table_ND: torch.Tensor, c_TM: torch.Tensor) -> torch.Tensor:
+        """[T, D]: sum_m c[t, m] table[ids[t, m]]."""
+        return F.embedding_bag(self.ids_S, table_ND, self.offsets_T, mode="sum", per_sample_weights=c_TM.reshape(-1))
+
+    def scatter_rows(self, rows_TD: torch.Tensor, c_TM: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """[N, D]: row e = sum over slots (t, m) with ids[t, m] == e of c[t, m] rows[t]."""
+        return torch.ops.aten._embedding_bag_dense_backward(
+            rows_TD, self.ids_S, self.bag_S, self.size_T, self.size_T, num_rows, False, _SUM,
+            c_TM.reshape(-1), -1)
+
+
+def _compute_dtype(table: torch.Tensor) -> torch.dtype:
+    return torch.float32 if table.dtype in (torch.bfloat16, torch.float16) else table.dtype
+
+
+def act_forward(h: torch.Tensor, activation: str) -> torch.Tensor:
+    return F.gelu(h) if activation == "gelu" else F.relu(h)
+
+
+def act_backward(grad: torch.Tensor, h: torch.Tensor, activation: str) -> torch.Tensor:
+    """grad * act'(h) with exactly the derivative torch's own GELU / ReLU backward uses."""
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad, h)
+    return torch.ops.aten.threshold_backward(grad, h, 0)
+
+
+class BagMix(torch.autograd.Function):
+    """y = sum_m w act(u . x) v over the retrieved experts; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_TM, ids_TM, u_ND, v_ND, frozen_N, activation):
+        dtype = _compute_dtype(u_ND)
+        ctx.x_dtype, ctx.w_dtype, ctx.activation = x_TD.dtype, w_TM.dtype, activation
+        with torch.autocast(x_TD.device.type, enabled=False):
+            bags = _Bags(ids_TM)
+            x_TD = x_TD.to(dtype).contiguous()
+            w_TM = w_TM.to(dtype)
+            h_TM = bags.gather_dot(u_ND.to(dtype), x_TD)
+            y_TD = bags.gather_sum(v_ND.to(dtype), act_forward(h_TM, activation) * w_TM)
+        ctx.save_for_backward(x_TD, w_TM, ids_TM, u_ND, v_ND, h_TM, frozen_N)
+        return y_TD.to(torch.promote_types(ctx.x_dtype, u_ND.dtype))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_TD):
+        x_TD, w_TM, ids_TM, u_ND, v_ND, h_TM, frozen_N = ctx.saved_tensors
+        need_x, need_w, _, need_u, need_v = ctx.needs_input_grad[:5]
+        dx_TD = dw_TM = du_ND = dv_ND = None
+        dtype = x_TD.dtype
+        with torch.autocast(dy_TD.device.type, enabled=False):
+            bags = _Bags(ids_TM)
+            dy_TD = dy_TD.to(dtype).contiguous()
+            g_TM = bags.gather_dot(v_ND.to(dtype), dy_TD)             # dL/da = v . dy
+            act_TM = act_forward(h_TM, ctx.activation)
+            dh_TM = act_backward(g_TM * w_TM, h_TM, ctx.activation)   # dL/dh = g w act'(h)
+            if need_w:
+                dw_TM = g_TM * act_TM
+            if need_x:
+                dx_TD = bags.gather_sum(u_ND.to(dtype), dh_TM)
+            if need_u or need_v:
+                # frozen experts: zero coefficient on their slots, so their rows stay exactly 0
+                frozen_TM = None if frozen_N is None else frozen_N[ids_TM]
+                if need_u:
+                    c_TM = dh_TM if frozen_TM is None else dh_TM.masked_fill(frozen_TM, 0)
+                    du_ND = bags.scatter_rows(x_TD, c_TM, u_ND.shape[0]).to(u_ND.dtype)
+                if need_v:
+                    a_TM = act_TM * w_TM
+                    c_TM = a_TM if frozen_TM is None else a_TM.masked_fill(frozen_TM, 0)
+                    dv_ND = bags.scatter_rows(dy_TD, c_TM, v_ND.shape[0]).to(v_ND.dtype)
+        return (dx_TD.to(ctx.x_dtype) if need_x else None, dw_TM.to(ctx.w_dtype) if need_w else None, None,
+                du_ND, dv_ND, None, None)
+
+
+def mix(x_TD: torch.Tensor, w_TM: torch.Tensor, ids_TM: torch.Tensor, u_ND: torch.Tensor, v_ND: torch.Tensor,
+        activation: str, frozen_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as reference.mix, without the gathered [T, M, D] tensors."""
+    return BagMix.apply(x_TD, w_TM, ids_TM, u_ND, v_ND, frozen_N, activation)
+

@@ -1,0 +1,55 @@
+"""The plain torch PEER implementation every kernel is checked and timed against (issue 9).
+
+Exactly what the issue calls "the plain torch implementation": einsum sub-key scores, torch.topk
+on each half and then on the k*k candidates (product_keys.product_topk), two F.embedding gathers
+of the retrieved experts' u and v, and einsum mixing. It materialises the gathered [T, M, D]
+tensors (M = heads * top_k slots per token) and, in backward, F.embedding's dense [N, D]
+gradients; that memory traffic is what the fused paths (bag.py, triton.py) avoid.
+
+PEER (He 2024, arXiv 2407.04153, section 2) in these terms, per token x and head h:
+    s1_i = q1 . c_i + offset1_i,  s2_j = q2 . c'_j                       sub-key scores
+    I    = top-k over (i, j) of s1_i + s2_j, via top-k of each half, then of the k*k sums
+    f(x) = sum_h sum_{e in I_h} g_e(x) act(u_e . x) v_e                   eq. (1) with e_i(x) of PEER
+
+Shape suffixes: T tokens, H heads, K top_k, M = H*K slots, N experts, D dim, d = key_dim / 2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..product_keys import product_topk
+
+
+def sub_key_scores(q_THD: torch.Tensor, keys1_Hnd: torch.Tensor, keys2_Hnd: torch.Tensor,
+                   offset1_Hn: torch.Tensor):
+    """Queries [T, H, 2d] -> (s1 [T, H, n1] incl. the first codebook's offset1, s2 [T, H, n2])."""
+    d = q_THD.shape[-1] // 2
+    s1_THn = torch.einsum("thd,hnd->thn", q_THD[..., :d], keys1_Hnd)
+    s2_THn = torch.einsum("thd,hnd->thn", q_THD[..., d:], keys2_Hnd)
+    return s1_THn + offset1_Hn.to(s1_THn.dtype), s2_THn
+
+
+def retrieve(q_THD: torch.Tensor, keys1_Hnd: torch.Tensor, keys2_Hnd: torch.Tensor, offset1_Hn: torch.Tensor,
+             k: int):
+    """(scores [T, H, K] descending, flat expert ids [T, H, K]) of each head's exact top-k product keys."""
+    return product_topk(*sub_key_scores(q_THD, keys1_Hnd, keys2_Hnd, offset1_Hn), k)
+
+
+def mix(x_TD: torch.Tensor, w_TM: torch.Tensor, ids_TM: torch.Tensor, u_ND: torch.Tensor, v_ND: torch.Tensor,
+        activation: str, frozen_N: torch.Tensor | None = None) -> torch.Tensor:
+    """y [T, D] = sum_m w[t, m] act(u_{ids[t,m]} . x_t) v_{ids[t,m]}, with two F.embedding gathers.
+
+    frozen_N: bool [N] or None; frozen experts compute as usual but their rows get no gradient
+    (the gathered rows are detached, so F.embedding's backward adds zeros there).
+    """
+    u_TMD, v_TMD = F.embedding(ids_TM, u_ND), F.embedding(ids_TM, v_ND)
+    if frozen_N is not None:
+        frozen_TM1 = frozen_N[ids_TM].unsqueeze(-1)
+        u_TMD = torch.where(frozen_TM1, u_TMD.detach(), u_TMD)
+        v_TMD = torch.where(frozen_TM1, v_TMD.detach(), v_TMD)
+    h_TM = torch.einsum("tmd,td->tm", u_TMD, x_TD.to(u_TMD.dtype))
+    act = F.gelu if activation == "gelu" else F.relu
+    a_TM = act(h_TM) * w_TM
+    return torch.einsum("tm,tmd->td", a_TM.to(v_TMD.dtype), v_TMD)
