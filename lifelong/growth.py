@@ -167,7 +167,7 @@ class GrowthPlugin(SupervisedPlugin):
         self.frozen_events = list(state["frozen_events"])
         self.step = int(state["step"])
         self.losses = deque(state["losses"], maxlen=self.cfg.plateau_window)
-        self.recorder.load_state_dict(state["inputs"])
+        self.recorder.load_state_dict(state.get("inputs", {}))  # absent in boundary checkpoints of earlier versions
 
     # -- growing -------------------------------------------------------------
 

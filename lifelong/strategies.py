@@ -590,7 +590,9 @@ def _load_si(plugin: SynapticIntelligencePlugin, state: dict, strategy) -> None:
     plugin.syn_data = {key: _param_data({n: torch.zeros_like(t) for n, t in cum.items()}, "cpu")
                        for key in ("old_theta", "new_theta", "grad")}
     plugin.syn_data["cum_trajectory"] = _param_data(cum, "cpu")
-    plugin.syn_data["trajectory"] = _param_data(state["trajectory"], "cpu")
+    # (checkpoints of earlier versions, written at boundaries only, have no trajectory: zeros)
+    plugin.syn_data["trajectory"] = _param_data(state.get("trajectory") or {n: torch.zeros_like(t)
+                                                                           for n, t in cum.items()}, "cpu")
 
 
 def _save_mas(plugin: MASPlugin) -> dict:
