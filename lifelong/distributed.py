@@ -15,6 +15,7 @@ Without torchrun (or with WORLD_SIZE=1) every function here is a no-op on one pr
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 
 import torch
@@ -119,6 +120,38 @@ def agree_any(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(value.item())
 
 
+def from_main(flag: bool) -> bool:
+    """Rank 0's decision, on every rank (a choice made from rank-local data, e.g. a growth trigger:
+    rank 0's state is also what a checkpoint saves, so a resumed run decides the same)."""
+    if not active():
+        return flag
+    value = [bool(flag)]
+    dist.broadcast_object_list(value, src=0)
+    return bool(value[0])
+
+
+def check_same(tensor: torch.Tensor, what: str) -> None:
+    """Raise if `tensor` differs between ranks (a cheap guard on state that must be replicated)."""
+    if not active():
+        return
+    digest = int.from_bytes(hashlib.sha256(tensor.detach().cpu().numpy().tobytes()).digest()[:7], "little")
+    low, high = torch.tensor([digest]), torch.tensor([digest])
+    _collective(low, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MIN))
+    _collective(high, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+    if low.item() != high.item():
+        raise RuntimeError(f"{what} differs between ranks: the ranks would train on different data")
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every buffer (BatchNorm running statistics, ...) equal to rank `src`'s: each rank
+    updated them from its own shard, and evaluation and checkpoints must see one set."""
+    if not active():
+        return
+    for tensor in module.buffers():
+        _collective(tensor.data, lambda t: dist.broadcast(t, src=src))
+
+
 @torch.no_grad()
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     """Make every parameter and buffer of `module` equal to rank `src`'s (after growth or freezing,
@@ -199,4 +232,5 @@ def unsharded(model: torch.nn.Module):
     finally:
         for unit in units:
             unit.reshard()
-            unit.set_reshard_after_forward(True, recurse=False)
+            # FSDP2's default: every unit reshards after its forward except the root
+            unit.set_reshard_after_forward(unit is not model, recurse=False)

@@ -15,6 +15,7 @@ restarts from its last checkpoint with a lower learning rate.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import platform
 import random
@@ -251,6 +252,9 @@ class Run:
             group["base_lr"] *= factor
             group["lr"] *= factor
         self.progress.lr_scale = target
+        # the time spent since the checkpoint, now redone, stays counted
+        self.progress.elapsed_seconds = before.elapsed_seconds
+        self.progress.eval_seconds = before.eval_seconds
         self.progress.rollbacks = before.rollbacks + [
             {"step": int(error.step), "experience": int(error.experience), "resumed_step": self.strategy.optimizer_steps,
              "lr_scale": target}]
@@ -259,6 +263,7 @@ class Run:
 
     def _evaluate(self, stage: str) -> None:
         t0 = time.perf_counter()
+        distributed.broadcast_buffers(self.model)  # one set of BatchNorm statistics for every rank
         self.strategy.eval(self.bench.test_stream)
         self.progress.eval_seconds += time.perf_counter() - t0
         self.progress.stages.append(stage)
@@ -305,12 +310,17 @@ class Run:
             self.save()
         return self.finish()
 
-    def finish(self) -> dict:
+    def close(self) -> None:
+        """Close the loggers (the run directory keeps what they wrote)."""
         if self.main:
             self.csv_logger.close()
             self.tb_logger.writer.flush()
+            self.tb_logger.writer.close()
         if self.wandb is not None:
             self.wandb.close()
+
+    def finish(self) -> dict:
+        self.close()
         p = self.progress
         p.elapsed_seconds += time.perf_counter() - self.started
         self.started = time.perf_counter()
@@ -397,16 +407,29 @@ def _execute(session: Run, progress: bool | None, echo) -> dict:
         except TrainingDiverged as err:
             if len(session.progress.rollbacks) >= session.cfg.train.rollback:
                 raise
-            before = session.progress
-            path = checkpoint.latest(session.out_dir)
-            state = checkpoint.load_state(path)
-            if session.main:
-                session.csv_logger.close()
-            session = Run(session.cfg, session.out_dir, progress, echo)
-            session.restore(path, state)
-            session.roll_back(err, before)
-            echo(f"{err}; rolling back to {path.name} with learning rate x{session.progress.lr_scale:g} "
-                 f"(rollback {len(session.progress.rollbacks)} of {session.cfg.train.rollback})")
+            diverged = err  # outside the except block, so its traceback (and the old session) can go
+        session = _roll_back(session, diverged, progress, echo)
+
+
+def _roll_back(old: Run, err: TrainingDiverged, progress: bool | None, echo) -> Run:
+    """A fresh session on the last checkpoint of `old`, with a lower learning rate; `old` is
+    closed and released first (its model, optimizer and activations would double the memory)."""
+    before, cfg, out_dir = old.progress, old.cfg, old.out_dir
+    before.elapsed_seconds += time.perf_counter() - old.started  # the failed attempt's time counts too
+    old.close()
+    err.__traceback__ = None
+    del old
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    path = checkpoint.latest(out_dir)
+    state = checkpoint.load_state(path)
+    session = Run(cfg, out_dir, progress, echo)
+    session.restore(path, state)
+    session.roll_back(err, before)
+    echo(f"{err}; rolling back to {path.name} with learning rate x{session.progress.lr_scale:g} "
+         f"(rollback {len(session.progress.rollbacks)} of {cfg.train.rollback})")
+    return session
 
 
 def _describe(session: Run, echo) -> None:

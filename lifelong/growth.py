@@ -218,7 +218,7 @@ class GrowthPlugin(SupervisedPlugin):
         if self.cfg.schedule == "steps" and self.step % self.cfg.every_steps == 0:
             self.grow_all(strategy, "steps", self._recent())
         elif (self.cfg.schedule == "trigger" and self.step % self.cfg.check_every == 0
-              and distributed.agree_any(self._fired(), strategy.device)):
+              and distributed.from_main(self._fired())):
             self.grow_all(strategy, f"trigger:{self.cfg.trigger}", self._recent())
             self.losses.clear()
 

@@ -261,10 +261,11 @@ class TrainingDiverged(RuntimeError):
 
 
 class FiniteLossPlugin(SupervisedPlugin):
-    """Stop training the moment the loss is NaN or infinite, before it reaches the weights.
+    """Stop training the moment the loss or a gradient is NaN or infinite, before it reaches the weights.
 
-    Checked before the backward pass, so the poisoned gradient is never applied
-    and the run's last checkpoint (written at the previous stage) stays good.
+    The loss is checked before the backward pass and the gradients before the optimizer step,
+    so a poisoned update is never applied and every checkpoint holds finite weights. Under
+    torchrun every rank stops together.
     """
 
     def before_backward(self, strategy, **kwargs) -> None:
@@ -279,6 +280,22 @@ class FiniteLossPlugin(SupervisedPlugin):
             f"{step} of experience {experience.current_experience} "
             f"({domain}); lower train.lr or raise train.warmup_steps (or set train.rollback)",
             step=step, experience=experience.current_experience)
+
+    def before_update(self, strategy, **kwargs) -> None:
+        """A finite loss can still give an infinite gradient; stop before it reaches the weights
+        (and so a checkpoint): a rollback could never recover from NaN weights."""
+        if not distributed.agree_any(not _gradients_finite(strategy.model), strategy.device):
+            return
+        step = getattr(strategy, "optimizer_steps", 0) + 1
+        experience = strategy.experience
+        raise TrainingDiverged(
+            f"training diverged: a gradient is NaN or infinite at optimizer step {step} of experience "
+            f"{experience.current_experience} ({getattr(experience, 'domain', '?')}); lower train.lr or raise "
+            "train.warmup_steps (or set train.rollback)", step=step, experience=experience.current_experience)
+
+
+def _gradients_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
 
 
 class PeriodicCheckpointPlugin(SupervisedPlugin):

@@ -243,6 +243,7 @@ class LMTemplate(SupervisedTemplate):
         point, self.resume_point = self.resume_point, None
         self._epoch_data_rng = torch.get_rng_state() if point is None else point["data_rng_start"].clone()
         self._data_rng = self._epoch_data_rng.clone()
+        distributed.check_same(self._epoch_data_rng, "the data-order RNG")
         if point is None:
             # The steps' own draws (dropout, A-GEM's memory sampler) get a stream of their own,
             # seeded from the fork point but distinct from the data stream.
@@ -508,7 +509,11 @@ def build_strategy(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Opti
 def _blocks(dataset) -> dict:
     """A dataset of (input_ids[T], target_ids[T]) blocks as two [N, T] tensors, in order."""
     inputs, targets = [], []
-    for x, y, *_ in DataLoader(dataset, batch_size=256, shuffle=False, collate_fn=getattr(dataset, "collate_fn", None)):
+    # Its own generator: a DataLoader iterator draws a seed even unshuffled, and saving a checkpoint
+    # must not move the global RNG (under torchrun only rank 0 saves; the ranks would drift apart).
+    loader = DataLoader(dataset, batch_size=256, shuffle=False, collate_fn=getattr(dataset, "collate_fn", None),
+                        generator=torch.Generator())
+    for x, y, *_ in loader:
         inputs.append(x)
         targets.append(y)
     if not inputs:

@@ -195,3 +195,20 @@ def test_cumulative_plugin_trains_on_earlier_experiences_first(bench):
     strategy.train(bench.train_stream[1])
     assert seen.size == 64 and torch.equal(seen.first, bench.train_stream[0].dataset[0][0])
     assert plugin_of(strategy, CumulativePlugin).state_dict(strategy) == {"seen": [0, 1]}
+
+
+def test_finite_loss_plugin_stops_before_a_step_with_a_non_finite_gradient():
+    from types import SimpleNamespace
+
+    from lifelong.plugins import FiniteLossPlugin, TrainingDiverged
+
+    model = torch.nn.Linear(3, 2)
+    model.weight.grad = torch.zeros_like(model.weight)
+    model.bias.grad = torch.zeros_like(model.bias)
+    strategy = SimpleNamespace(model=model, device=torch.device("cpu"), optimizer_steps=4,
+                               experience=SimpleNamespace(current_experience=1, domain="cpp"))
+    FiniteLossPlugin().before_update(strategy)  # finite: nothing happens
+    model.bias.grad[0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="gradient is NaN or infinite at optimizer step 5 of experience 1") as err:
+        FiniteLossPlugin().before_update(strategy)
+    assert err.value.step == 5 and err.value.experience == 1
