@@ -145,11 +145,16 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of `model.safetensors` in checkpoint folder `path` (for a model sharded with FSDP)."""
+def _weights_file(path: str | Path) -> Path:
     weights = Path(path) / MODEL_FILE
     if not weights.is_file():
         raise CheckpointError(f"checkpoint {path} has no {MODEL_FILE}")
+    return weights
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of `model.safetensors` in checkpoint folder `path` (for a model sharded with FSDP)."""
+    weights = _weights_file(path)
     try:
         return load_file(str(weights))
     except (SafetensorError, OSError) as err:
@@ -158,9 +163,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Load `model.safetensors` of checkpoint folder `path` into `model` (strict: same architecture)."""
-    weights = Path(path) / MODEL_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {MODEL_FILE}")
+    weights = _weights_file(path)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError) as err:

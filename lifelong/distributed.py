@@ -158,8 +158,9 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     whose inputs, e.g. recently recorded tokens, are rank-local)."""
     if not active():
         return
-    for tensor in list(module.parameters()) + list(module.buffers()):
+    for tensor in module.parameters():
         _collective(tensor.data, lambda t: dist.broadcast(t, src=src))
+    broadcast_buffers(module, src)
 
 
 def barrier() -> None:

@@ -270,32 +270,30 @@ class FiniteLossPlugin(SupervisedPlugin):
 
     def before_backward(self, strategy, **kwargs) -> None:
         finite = bool(torch.isfinite(strategy.loss.detach()).all())
-        if not distributed.agree_any(not finite, strategy.device):  # every rank stops together
-            return
-        experience = strategy.experience
-        domain = getattr(experience, "domain", "?")
-        step = getattr(strategy, "optimizer_steps", 0) + 1
-        raise TrainingDiverged(
-            f"training diverged: the loss is {float(strategy.loss.detach())} at optimizer step "
-            f"{step} of experience {experience.current_experience} "
-            f"({domain}); lower train.lr or raise train.warmup_steps (or set train.rollback)",
-            step=step, experience=experience.current_experience)
+        if distributed.agree_any(not finite, strategy.device):  # every rank stops together
+            raise _diverged(strategy, f"the loss is {float(strategy.loss.detach())}")
 
     def before_update(self, strategy, **kwargs) -> None:
         """A finite loss can still give an infinite gradient; stop before it reaches the weights
         (and so a checkpoint): a rollback could never recover from NaN weights."""
-        if not distributed.agree_any(not _gradients_finite(strategy.model), strategy.device):
-            return
-        step = getattr(strategy, "optimizer_steps", 0) + 1
-        experience = strategy.experience
-        raise TrainingDiverged(
-            f"training diverged: a gradient is NaN or infinite at optimizer step {step} of experience "
-            f"{experience.current_experience} ({getattr(experience, 'domain', '?')}); lower train.lr or raise "
-            "train.warmup_steps (or set train.rollback)", step=step, experience=experience.current_experience)
+        if distributed.agree_any(not _gradients_finite(strategy.model), strategy.device):
+            raise _diverged(strategy, "a gradient is NaN or infinite")
+
+
+def _diverged(strategy, what: str) -> TrainingDiverged:
+    """The error naming the optimizer step that would have applied `what`, and its experience."""
+    step = getattr(strategy, "optimizer_steps", 0) + 1
+    experience = strategy.experience
+    return TrainingDiverged(
+        f"training diverged: {what} at optimizer step {step} of experience {experience.current_experience} "
+        f"({getattr(experience, 'domain', '?')}); lower train.lr or raise train.warmup_steps "
+        "(or set train.rollback)", step=step, experience=experience.current_experience)
 
 
 def _gradients_finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+    """One device sync for all gradients (not one per parameter: this runs every step)."""
+    checks = [torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 class PeriodicCheckpointPlugin(SupervisedPlugin):
