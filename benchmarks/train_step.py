@@ -11,10 +11,24 @@ step = forward (under the run's autocast: bf16 on CUDA with precision auto) + ne
 (plus the FFNs' auxiliary losses) + backward + gradient clipping (train.grad_clip) + optimizer
 step + zero_grad, with the growth / freeze hooks attached as in a run (experts.attach).
 
-Optimizers: ``adamw`` is ``lifelong.strategies.build_optimizer`` (torch AdamW, foreach=False);
+Optimizers: ``adamw`` is ``lifelong.strategies.build_optimizer`` (torch AdamW; its implementation
+follows ``train.optimizer_impl``: single-tensor on the CPU, fused on CUDA unless ``--set`` says otherwise);
 ``rowwise`` is experts.optim.RowAdamW over the same parameter groups with the PEER expert tables
 moved to a row-wise group (``rowwise_groups``), the same betas and settings. It only differs for
 models with PEER layers, so it is run for those only.
+
+Memory: "state GiB" is what the run holds between steps, counted from the tensors themselves:
+parameters + their gradients (as allocated during a step) + the optimizer's state. The footer
+gives the process's peak: torch.cuda.max_memory_allocated() on CUDA, the peak resident set
+(VmHWM) on the CPU, which also counts the allocator's retained memory, Python and the libraries.
+Run one preset and optimizer alone to read one model's peak, e.g. a 1024^2-expert layer:
+
+    python benchmarks/train_step.py --presets iso-peer --optimizers adamw --steps 2 --warmup 1 \
+        --set model.dim=512 --set model.n_heads=8 --set model.peer.num_experts=1048576 \
+        --set model.peer.key_dim=256
+
+"loss" is the training loss on the trainer's fixed batch at its first and last step: it falls when
+the model trains.
 
 Timing: the (preset, optimizer) pairs are interleaved step by step, each step timed alone
 (synchronised on CUDA), ``--warmup`` untimed steps first; tokens/s = tokens per step / median
@@ -39,17 +53,17 @@ from benchmarks.common import load_average, machine, write_json  # noqa: E402
 from experts.optim import RowAdamW, rowwise_groups  # noqa: E402
 from lifelong.config import resolve  # noqa: E402
 from lifelong.model import LanguageModel  # noqa: E402
-from lifelong.strategies import LMCriterion, autocast_dtype, build_optimizer, param_groups  # noqa: E402
+from lifelong.strategies import LMCriterion, adamw_impl, autocast_dtype, build_optimizer, param_groups  # noqa: E402
 from scenarios import get_tokenizer  # noqa: E402
 
 PRESETS = ("iso-dense", "iso-moe", "iso-peer")
 OPTIMIZERS = ("adamw", "rowwise")
 
 
-def build_rowwise(model, cfg) -> RowAdamW:
-    """build_optimizer's groups and settings, expert tables row-wise."""
+def build_rowwise(model, cfg, device) -> RowAdamW:
+    """build_optimizer's groups and settings (train.optimizer_impl included), expert tables row-wise."""
     return RowAdamW(rowwise_groups(model, param_groups(model, cfg)), lr=cfg.train.lr, betas=(0.9, 0.95),
-                    foreach=False)
+                    **adamw_impl(cfg.train.optimizer_impl, device))
 
 
 class Trainer:
@@ -61,7 +75,8 @@ class Trainer:
         torch.manual_seed(seed)
         vocab = get_tokenizer(cfg.stream.tokenizer).vocab_size
         self.model = LanguageModel(cfg.model, vocab_size=vocab, context=cfg.stream.block_len).to(device)
-        self.optimizer = build_optimizer(self.model, cfg) if optimizer == "adamw" else build_rowwise(self.model, cfg)
+        self.optimizer = (build_optimizer(self.model, cfg, device) if optimizer == "adamw"
+                          else build_rowwise(self.model, cfg, device))
         if self.model.expert_layers():
             experts.attach(self.model, self.optimizer)
         self.criterion = LMCriterion()
@@ -73,6 +88,8 @@ class Trainer:
         self.times: list[float] = []  # whole training steps
         self.step_times: list[float] = []  # optimizer.step() alone
         self.last_step_time = 0.0
+        self.losses: list[float] = []
+        self.grad_bytes = 0
 
     def step(self) -> float:
         model, opt = self.model, self.optimizer
@@ -81,6 +98,8 @@ class Trainer:
             logits = model(self.x)
         loss = self.criterion(logits, self.y) + model.aux_loss()
         loss.backward()
+        self.losses.append(loss.item())
+        self.grad_bytes = sum(tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
         if self.cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
         self._sync()
@@ -99,12 +118,32 @@ class Trainer:
     def summary(self) -> dict:
         median = statistics.median(self.times)
         peer = [m for m in self.model.expert_layers().values() if isinstance(m, experts.PEER)]
+        state = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        state_bytes = (sum(tensor_bytes(p) for p in self.model.parameters()) + self.grad_bytes
+                       + sum(tensor_bytes(v) for v in state))
         return {"preset": self.name, "optimizer": self.optimizer_name, "tokens_per_step": self.tokens,
                 "ms_per_step": median * 1e3, "tokens_per_s": self.tokens / median,
                 "optimizer_ms": statistics.median(self.step_times) * 1e3,
                 "params": sum(p.numel() for p in self.model.parameters()),
                 "num_experts": self.model.num_experts(), "peer_experts": sum(m.num_experts for m in peer),
-                "steps_timed": len(self.times)}
+                "steps_timed": len(self.times), "state_gib": state_bytes / 2**30,
+                "loss_first": self.losses[0], "loss_last": self.losses[-1]}
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def peak_memory_gib(device: torch.device) -> tuple[str, float | None]:
+    """(what was measured, GiB): CUDA's peak allocation, or the CPU process's peak resident set."""
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated", torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return "peak resident set (not available here)", None
+    return "peak resident set (VmHWM)", kib / 2**20
 
 
 def main(argv=None) -> int:
@@ -147,19 +186,24 @@ def main(argv=None) -> int:
     results = [t.summary() for t in trainers]
     by_key = {(r["preset"], r["optimizer"]): r for r in results}
     print(f"{'preset':>10} {'optimizer':>9} {'params':>10} {'experts':>8} {'ms/step':>9} {'opt ms':>8} "
-          f"{'tokens/s':>10} {'vs iso-dense':>12}")
+          f"{'tokens/s':>10} {'vs iso-dense':>12} {'state GiB':>9} {'loss':>13}")
     for r in results:
         dense = by_key.get(("iso-dense", "adamw"))
         ratio = r["tokens_per_s"] / dense["tokens_per_s"] if dense else float("nan")
         r["ratio_to_iso_dense"] = ratio
         print(f"{r['preset']:>10} {r['optimizer']:>9} {r['params']:>10} {r['num_experts']:>8} "
-              f"{r['ms_per_step']:9.1f} {r['optimizer_ms']:8.1f} {r['tokens_per_s']:10.0f} {ratio:12.2f}")
+              f"{r['ms_per_step']:9.1f} {r['optimizer_ms']:8.1f} {r['tokens_per_s']:10.0f} {ratio:12.2f} "
+              f"{r['state_gib']:9.2f} {r['loss_first']:6.3f}>{r['loss_last']:6.3f}")
     peer, dense = by_key.get(("iso-peer", "adamw")), by_key.get(("iso-dense", "adamw"))
     if peer and dense:
         line = f"# peer/dense tokens/s: {peer['tokens_per_s'] / dense['tokens_per_s']:.2f} (adamw)"
         if ("iso-peer", "rowwise") in by_key:
             line += f", {by_key[('iso-peer', 'rowwise')]['tokens_per_s'] / dense['tokens_per_s']:.2f} (rowwise)"
         print(line)
+    what, peak = peak_memory_gib(device)
+    info["peak_memory"], info["peak_memory_gib"] = what, peak
+    print(f"# peak memory of the process, all trainers together ({what}): "
+          + (f"{peak:.2f} GiB" if peak is not None else "n/a"))
     info["load_average_1min_after"] = load_average()
     print(f"# median of {args.steps} interleaved steps after {args.warmup} warm-up; load average (1 min) "
           f"before {info['load_average_1min']}, after {info['load_average_1min_after']}")

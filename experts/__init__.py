@@ -14,8 +14,8 @@ EXPERTS_KERNEL environment variable) is described in experts/kernels; triton is 
 
 from . import kernels
 from .dense import DenseFFN
-from .growth import (append_rows_, attach, attached_optimizers, detach, freeze, freeze_existing, freeze_top_used,
-                     frozen_ids, kmeans, unfreeze)
+from .growth import (append_rows_, attach, attached_layers, attached_optimizers, detach, freeze, freeze_existing,
+                     freeze_top_used, frozen_ids, kmeans, unfreeze)
 from .moe import MoE, load_balancing_loss, router_z_loss
 from .peer import PEER, QueryNorm, parse_grid
 from .product_keys import ProductKeys, product_scores, product_topk, split_ids
@@ -26,6 +26,6 @@ __all__ = [
     "ProductKeys", "product_topk", "product_scores", "split_ids", "QueryNorm", "parse_grid",
     "load_balancing_loss", "router_z_loss",
     "track_usage", "jaccard_overlap", "expert_set", "usage_fraction", "kl_to_uniform",
-    "attach", "detach", "attached_optimizers", "freeze", "unfreeze", "frozen_ids", "freeze_existing",
-    "freeze_top_used", "append_rows_", "kmeans", "kernels",
+    "attach", "detach", "attached_layers", "attached_optimizers", "freeze", "unfreeze", "frozen_ids",
+    "freeze_existing", "freeze_top_used", "append_rows_", "kmeans", "kernels",
 ]

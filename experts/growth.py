@@ -445,6 +445,11 @@ def attached_optimizers(layer: nn.Module) -> list[torch.optim.Optimizer]:
     return [opt for opt, per_layer in list(_ATTACHED.items()) if layer in per_layer]
 
 
+def attached_layers(optimizer: torch.optim.Optimizer) -> list[nn.Module]:
+    """The live layers attached to ``optimizer`` (``attach``), in attach order."""
+    return list(_ATTACHED.get(optimizer, {}).keys())
+
+
 def surgery_targets(layer: nn.Module, optimizer) -> list[torch.optim.Optimizer]:
     """The given optimizer (validated) plus every optimizer the layer is attached to."""
     check_optimizer(optimizer)

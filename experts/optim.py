@@ -228,9 +228,9 @@ class RowAdamW(torch.optim.Optimizer):
 
     def _frozen_masks(self) -> dict[int, torch.Tensor]:
         """id(table) -> the ``frozen`` buffer [N] of each layer attached to this optimizer that has
-        frozen experts. (growth keeps the optimizer -> layers registry; read-only use here.)"""
+        frozen experts."""
         masks = {}
-        for layer in list(growth._ATTACHED.get(self, {}).keys()):
+        for layer in growth.attached_layers(self):
             if layer.has_frozen():
                 for table in layer.expert_tables():
                     masks[id(table)] = layer.frozen

@@ -216,6 +216,10 @@ class TrainConfig:
     optimizer: str = "adamw"
     """"adamw" (torch AdamW) or "rowwise_adamw" (PEER expert tables updated only in the rows a step
     retrieved, lazy moments, exact deferred weight decay: experts/optim.py)."""
+    optimizer_impl: str = "auto"
+    """How AdamW loops over tensors (torch's choices): "single" (one tensor at a time, bit-reproducible,
+    the CPU default), "foreach" (batched per group), "fused" (one kernel per group: fewest bytes moved
+    and no table-sized temporaries, the CUDA default) or "auto"."""
     parallel: str = "ddp"
     """Under torchrun: "ddp" (DistributedDataParallel, full replicas) or "fsdp" (FSDP2: parameters,
     gradients and optimizer state sharded over the ranks; no growth, naive/replay/cumulative/joint only)."""
@@ -242,6 +246,7 @@ class TrainConfig:
         _check_choice("train", "device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("train", "parallel", self.parallel, ("ddp", "fsdp"))
         _check_choice("train", "optimizer", self.optimizer, ("adamw", "rowwise_adamw"))
+        _check_choice("train", "optimizer_impl", self.optimizer_impl, ("auto", "single", "foreach", "fused"))
         if self.optimizer == "rowwise_adamw" and self.parallel == "fsdp":
             raise ConfigError("train.optimizer 'rowwise_adamw' cannot update FSDP-sharded tables "
                               "(use train.parallel=ddp or train.optimizer=adamw)")

@@ -135,7 +135,7 @@ class Run:
         self.sharded = distributed.active() and cfg.train.parallel == "fsdp"
         if self.sharded:  # FSDP2 before the optimizer, which must hold the sharded parameters
             distributed.shard_model(self.model.to(self.device))
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
         # Warm-in of grown keys and the frozen-expert guard run as hooks on this optimizer.
         if self.model.expert_layers():
             experts.attach(self.model, self.optimizer)

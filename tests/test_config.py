@@ -55,6 +55,7 @@ def test_int_accepted_for_float_and_strings_parsed_as_floats():
     ("model.peer.top_k=100", "exceeds the codebook side"),
     ("stream.test_fraction=1.5", "stream.test_fraction"),
     ("stream.order=random", "stream.order"),
+    ("train.optimizer_impl=apex", "train.optimizer_impl: 'apex' is not one of auto, single, foreach, fused"),
 ])
 def test_semantic_validation(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -172,10 +172,11 @@ def _run_cut_at(cfg, out, step, monkeypatch):
      "growth.freeze=top_used"],
     ["strategy.name=joint"],
     ["train.optimizer=rowwise_adamw", "growth.schedule=boundary", "growth.experts=16", "growth.freeze=existing"],
+    ["train.optimizer_impl=fused", "growth.schedule=steps", "growth.every_steps=5", "growth.experts=16"],
     ["model.ffn=moe", "growth.schedule=trigger", "growth.trigger=plateau", "growth.plateau_window=4",
      "growth.check_every=3", "growth.experts=2"],
 ], ids=["accum-epochs-dropout", "replay", "si", "distill-boundary-growth", "cumulative-step-growth", "joint",
-        "rowwise-adamw-growth-freeze", "moe-trigger-growth"])
+        "rowwise-adamw-growth-freeze", "fused-adamw-step-growth", "moe-trigger-growth"])
 def test_resume_inside_an_experience_gives_identical_results(tmp_path, monkeypatch, overrides):
     cfg = resolve("smoke", overrides=_TINY + overrides)
     quiet = lambda *_: None  # noqa: E731

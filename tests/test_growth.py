@@ -279,7 +279,7 @@ def test_hooks_are_attached_once_and_used_for_later_growth():
     layer.grow(4, optimizer=opt, warmup_steps=3)
     assert experts.attach(layer, opt) == [layer]
     assert len(opt._optimizer_step_post_hooks) == 1 and len(opt._optimizer_step_pre_hooks) == 1
-    assert experts.attached_optimizers(layer) == [opt]
+    assert experts.attached_optimizers(layer) == [opt] and experts.attached_layers(opt) == [layer]
     train(layer, opt, 1, x, x)
     ids = layer.grow(4, warmup_steps=3)  # no optimizer passed: the attached one still gets its surgery
     assert opt.state[layer.expert_u]["exp_avg"].shape == layer.expert_u.shape
@@ -287,6 +287,7 @@ def test_hooks_are_attached_once_and_used_for_later_growth():
     assert layer.codebooks.warmup_left.tolist()[4:] == [1, 1, 2] and ids.numel() == 4
     experts.detach(layer, opt)
     assert len(opt._optimizer_step_post_hooks) == 0 and experts.attached_optimizers(layer) == []
+    assert experts.attached_layers(opt) == []
     train(layer, opt, 1, x, x)
     assert layer.codebooks.warmup_left.tolist()[4:] == [1, 1, 2]  # no hook, no warm-in
     layer.advance_warmup()

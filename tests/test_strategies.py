@@ -15,6 +15,7 @@ from lifelong.metrics import DomainLossMetric
 from lifelong.model import LanguageModel
 from lifelong.strategies import (
     LMCriterion,
+    adamw_impl,
     build_optimizer,
     build_strategy,
     is_joint,
@@ -302,3 +303,30 @@ def test_param_groups_hold_every_trainable_parameter_once(ffn, query_norm):
         assert {"blocks.1.ffn.b1", "blocks.1.ffn.b2"} <= by_group["no_decay"]
     # every group is scheduled from its own base rate
     assert all(g["base_lr"] == g["lr"] for g in param_groups(model, cfg))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "rowwise_adamw"])
+def test_optimizer_impl_picks_torchs_adamw_implementation_and_all_agree(optimizer):
+    """`train.optimizer_impl`: auto is single-tensor on the CPU (fused on CUDA); single, foreach
+    and fused reach the same parameters after a few steps (float rounding only)."""
+    assert adamw_impl("auto", torch.device("cuda")) == {"fused": True}
+    assert adamw_impl("auto", torch.device("cpu")) == {"foreach": False}
+    results = {}
+    for impl in ("auto", "single", "foreach", "fused"):
+        cfg = tiny_cfg(model={"peer": {"num_experts": 64, "heads": 2, "top_k": 4, "key_dim": 16}},
+                       optimizer=optimizer, optimizer_impl=impl)
+        seed_all(0)
+        model = LanguageModel(cfg.model, vocab_size=256, context=BLOCK)
+        opt = build_optimizer(model, cfg)
+        want = {"auto": (False, None), "single": (False, None), "foreach": (True, None), "fused": (None, True)}[impl]
+        assert {(g["foreach"], g["fused"]) for g in opt.param_groups} == {want}
+        x = torch.randint(256, (4, BLOCK), generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            F.cross_entropy(model(x).flatten(0, 1), x.roll(-1, 1).flatten()).backward()
+            opt.step()
+            opt.zero_grad()
+        results[impl] = params_of(model)
+    for impl in ("single", "foreach", "fused"):
+        for name, value in results[impl].items():
+            torch.testing.assert_close(value, results["auto"][name], rtol=1e-5, atol=1e-6, msg=f"{impl}: {name}")
+    assert all(torch.equal(v, results["auto"][n]) for n, v in results["single"].items())  # auto = single here
