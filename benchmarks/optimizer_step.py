@@ -9,7 +9,7 @@ fraction of nonzero rows: the fraction one batch of ``--tokens`` tokens x ``--he
 uniformly drawn expert ids touches ("routing", unique ids), plus the fixed ``--fractions``.
 Methods, each with its own optimizer state over the same parameters:
 
-  adamw          torch.optim.AdamW(foreach=False): the project's default (lifelong/strategies.py)
+  adamw          torch.optim.AdamW(foreach=False): the CPU default of train.optimizer_impl (lifelong/training.py)
   adamw_foreach  torch.optim.AdamW(foreach=True)
   adamw_fused    torch.optim.AdamW(fused=True), where this torch supports it on the device
   row_gather     RowAdamW, dense gradient, touched rows found in it, gathered and updated

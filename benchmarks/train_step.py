@@ -11,8 +11,9 @@ step = forward (under the run's autocast: bf16 on CUDA with precision auto) + ne
 (plus the FFNs' auxiliary losses) + backward + gradient clipping (train.grad_clip) + optimizer
 step + zero_grad, with the growth / freeze hooks attached as in a run (experts.attach).
 
-Optimizers: ``adamw`` is ``lifelong.strategies.build_optimizer`` (torch AdamW; its implementation
-follows ``train.optimizer_impl``: single-tensor on the CPU, fused on CUDA unless ``--set`` says otherwise);
+Optimizers: ``adamw`` is ``lifelong.training.build_optimizer`` (torch AdamW; its implementation
+follows ``train.optimizer_impl``: single-tensor on the CPU, fused on CUDA, unless ``--set`` says
+otherwise);
 ``rowwise`` is experts.optim.RowAdamW over the same parameter groups with the PEER expert tables
 moved to a row-wise group (``rowwise_groups``), the same betas and settings. It only differs for
 models with PEER layers, so it is run for those only.
@@ -53,7 +54,7 @@ from benchmarks.common import load_average, machine, write_json  # noqa: E402
 from experts.optim import RowAdamW, rowwise_groups  # noqa: E402
 from lifelong.config import resolve  # noqa: E402
 from lifelong.model import LanguageModel  # noqa: E402
-from lifelong.strategies import LMCriterion, adamw_impl, autocast_dtype, build_optimizer, param_groups  # noqa: E402
+from lifelong.training import LMCriterion, adamw_impl, autocast_dtype, build_optimizer, param_groups  # noqa: E402
 from scenarios import get_tokenizer  # noqa: E402
 
 PRESETS = ("iso-dense", "iso-moe", "iso-peer")

@@ -40,7 +40,8 @@ from lifelong.model import LanguageModel
 from lifelong.plugins import LMDistillPlugin, PeriodicCheckpointPlugin, TrainingDiverged
 from lifelong.runs import load_run
 from lifelong.plots import save_matrix_heatmap
-from lifelong.strategies import build_optimizer, build_strategy, load_strategy_state, strategy_state_dict
+from lifelong.strategies import build_strategy, load_strategy_state, strategy_state_dict
+from lifelong.training import build_optimizer
 from scenarios import DomainSpec, build_benchmark
 
 CONFIG_FILE = "config.yaml"
