@@ -9,7 +9,10 @@
 # that), and run from a plain checkout (no install). Writes OUT_DIR/gpu.log (everything printed) and
 # one JSON per benchmark. The kernel checks come first: the compiled kernels against the reference,
 # fp32 and bf16, at the issue's sizes; a fast kernel that is wrong is worth nothing, so a failed
-# check stops the script. Record the tables in the README's Performance section with the machine.
+# check stops the script (only the compiled checks: the interpreter of an older triton, e.g. 3.6 with
+# numpy 2.4, fails on the kernels' loop bounds, while its compiler builds them; CI runs the
+# interpreted ones with the pinned triton). Record the tables in the README's Performance section
+# with the machine.
 set -u -o pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [check]}
 only=${2:-all}
@@ -29,7 +32,7 @@ step() {  # run a command, copy its output into the log, return its status
 
 step nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.memory --format=csv
 step "$python" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
-step "$python" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda or device_check or sm90" || exit 1
+step "$python" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda or sm90" || exit 1
 [ "$only" = check ] && exit 0
 
 # one PEER layer: ours vs the plain reference vs a dense 4x FFN, the issue's sizes and the sweep
