@@ -35,7 +35,17 @@ def main(out: str, *overrides: str) -> None:
     if distributed.is_main():
         (out_dir / "ranks.json").write_text(json.dumps({"digests": digests, "num_experts": result["num_experts"],
                                                        "growth_events": len(result["growth_events"])}))
+    del session  # its DDP wrapper holds the process group: let shutdown() destroy it (see there)
     distributed.shutdown()
+    left = [name for name in native_threads() if "gloo" in name]
+    if left:  # they would meet interpreter finalization, where they can abort the process
+        sys.exit(f"process-group threads outlived distributed.shutdown(): {left}")
+
+
+def native_threads() -> list[str]:
+    """Names of this process's native threads (Linux; empty elsewhere)."""
+    tasks = Path("/proc/self/task")
+    return [(task / "comm").read_text().strip() for task in tasks.iterdir()] if tasks.is_dir() else []
 
 
 if __name__ == "__main__":
