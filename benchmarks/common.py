@@ -38,3 +38,10 @@ def write_json(path: str | None, **sections) -> None:
     if path:
         Path(path).write_text(json.dumps(sections, indent=1))
         print(f"# wrote {path}")
+
+
+def status_kib(key: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KiB (Linux: VmRSS, VmHWM, ...);
+    OSError where there is no such file."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))

@@ -237,11 +237,6 @@ def cpu_peak_mb(cfg: Config, row: str, mode: str, threads: int) -> float | None:
     return None if value == "n/a" else float(value)
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith(key + ":"))
-
-
 def memory_child(spec: str) -> None:
     """Linux: writing 5 to /proc/self/clear_refs resets the peak RSS (VmHWM), so VmHWM after the call
     minus VmRSS before it is the call's own peak; elsewhere print n/a."""
@@ -258,12 +253,12 @@ def memory_child(spec: str) -> None:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        before = _status_kib("VmRSS")
+        before = common.status_kib("VmRSS")
     except OSError:
         print("n/a")
         return
     run_once(*built[spec["row"]], x, grad, spec["mode"])
-    print((_status_kib("VmHWM") - before) / 1024)
+    print((common.status_kib("VmHWM") - before) / 1024)
 
 
 # ---- driver ---------------------------------------------------------------------------------------

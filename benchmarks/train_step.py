@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import experts  # noqa: E402
-from benchmarks.common import load_average, machine, write_json  # noqa: E402
+from benchmarks.common import load_average, machine, status_kib, write_json  # noqa: E402
 from experts.optim import RowAdamW, rowwise_groups  # noqa: E402
 from lifelong.config import resolve  # noqa: E402
 from lifelong.model import LanguageModel  # noqa: E402
@@ -89,7 +89,7 @@ class Trainer:
         self.times: list[float] = []  # whole training steps
         self.step_times: list[float] = []  # optimizer.step() alone
         self.last_step_time = 0.0
-        self.losses: list[float] = []
+        self.losses: list[torch.Tensor] = []
         self.grad_bytes = 0
 
     def step(self) -> float:
@@ -99,8 +99,9 @@ class Trainer:
             logits = model(self.x)
         loss = self.criterion(logits, self.y) + model.aux_loss()
         loss.backward()
-        self.losses.append(loss.item())
-        self.grad_bytes = sum(tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+        self.losses.append(loss.detach())  # read after the timing: .item() here would sync mid-step
+        if not self.grad_bytes:  # the gradients' size is the same every step
+            self.grad_bytes = sum(tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
         if self.cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
         self._sync()
@@ -128,7 +129,7 @@ class Trainer:
                 "params": sum(p.numel() for p in self.model.parameters()),
                 "num_experts": self.model.num_experts(), "peer_experts": sum(m.num_experts for m in peer),
                 "steps_timed": len(self.times), "state_gib": state_bytes / 2**30,
-                "loss_first": self.losses[0], "loss_last": self.losses[-1]}
+                "loss_first": self.losses[0].item(), "loss_last": self.losses[-1].item()}
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -140,11 +141,9 @@ def peak_memory_gib(device: torch.device) -> tuple[str, float | None]:
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated", torch.cuda.max_memory_allocated(device) / 2**30
     try:
-        with open("/proc/self/status") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return "peak resident set (VmHWM)", status_kib("VmHWM") / 2**20
     except (OSError, StopIteration):
         return "peak resident set (not available here)", None
-    return "peak resident set (VmHWM)", kib / 2**20
 
 
 def main(argv=None) -> int:
