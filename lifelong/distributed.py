@@ -176,7 +176,7 @@ def shutdown() -> None:
     still exists (often in a reference cycle of a finished strategy) keeps the gloo backend and its
     worker threads alive into interpreter finalization, where such threads can abort the process
     (torch's c10d notes a worker needing the GIL there); we saw "terminate called without an active
-    exception" (SIGABRT) at the end of 2 of ~250 two-process runs. Callers drop their references to
+    exception" (SIGABRT) at the end of 2 of about 200 two-process runs. Callers drop their references to
     the run first; the collection here frees what cycles still hold, so that destroying the group
     joins its threads (5 native threads -> 2 at the end of `lifelong run` under torchrun).
     """
