@@ -14,9 +14,9 @@ step + zero_grad, with the growth / freeze hooks attached as in a run (experts.a
 Optimizers: ``adamw`` is ``lifelong.training.build_optimizer`` (torch AdamW; its implementation
 follows ``train.optimizer_impl``: single-tensor on the CPU, fused on CUDA, unless ``--set`` says
 otherwise);
-``rowwise`` is experts.optim.RowAdamW over the same parameter groups with the PEER expert tables
-moved to a row-wise group (``rowwise_groups``), the same betas and settings. It only differs for
-models with PEER layers, so it is run for those only.
+``rowwise`` is the same function with ``train.optimizer=rowwise_adamw``: experts.optim.RowAdamW
+over the same parameter groups with the PEER expert tables moved to a row-wise group, the same
+betas and settings. It only differs for models with PEER layers, so it is run for those only.
 
 Memory: "state GiB" is what the run holds between steps, counted from the tensors themselves:
 parameters + their gradients (as allocated during a step) + the optimizer's state. The footer
@@ -51,33 +51,27 @@ import torch  # noqa: E402
 
 import experts  # noqa: E402
 from benchmarks.common import load_average, machine, status_kib, write_json  # noqa: E402
-from experts.optim import RowAdamW, rowwise_groups  # noqa: E402
 from lifelong.config import resolve  # noqa: E402
 from lifelong.model import LanguageModel  # noqa: E402
-from lifelong.training import LMCriterion, adamw_impl, autocast_dtype, build_optimizer, param_groups  # noqa: E402
+from lifelong.training import LMCriterion, autocast_dtype, build_optimizer  # noqa: E402
 from scenarios import get_tokenizer  # noqa: E402
 
 PRESETS = ("iso-dense", "iso-moe", "iso-peer")
-OPTIMIZERS = ("adamw", "rowwise")
-
-
-def build_rowwise(model, cfg, device) -> RowAdamW:
-    """build_optimizer's groups and settings (train.optimizer_impl included), expert tables row-wise."""
-    return RowAdamW(rowwise_groups(model, param_groups(model, cfg)), lr=cfg.train.lr, betas=(0.9, 0.95),
-                    **adamw_impl(cfg.train.optimizer_impl, device))
+# benchmark optimizer name -> train.optimizer (both built by lifelong.training.build_optimizer)
+TRAIN_OPTIMIZER = {"adamw": "adamw", "rowwise": "rowwise_adamw"}
+OPTIMIZERS = tuple(TRAIN_OPTIMIZER)
 
 
 class Trainer:
     """One (preset, optimizer) pair: model, optimizer and a fixed random batch."""
 
     def __init__(self, preset: str, optimizer: str, overrides: list[str], device: torch.device, seed: int):
-        self.cfg = cfg = resolve(preset, overrides=overrides)
+        self.cfg = cfg = resolve(preset, overrides=[*overrides, f"train.optimizer={TRAIN_OPTIMIZER[optimizer]}"])
         self.name, self.optimizer_name, self.device = preset, optimizer, device
         torch.manual_seed(seed)
         vocab = get_tokenizer(cfg.stream.tokenizer).vocab_size
         self.model = LanguageModel(cfg.model, vocab_size=vocab, context=cfg.stream.block_len).to(device)
-        self.optimizer = (build_optimizer(self.model, cfg, device) if optimizer == "adamw"
-                          else build_rowwise(self.model, cfg, device))
+        self.optimizer = build_optimizer(self.model, cfg, device)
         if self.model.expert_layers():
             experts.attach(self.model, self.optimizer)
         self.criterion = LMCriterion()
