@@ -1,8 +1,8 @@
 """PEER layer speed and memory: ours (``kernel="auto"``) vs the plain torch reference vs a dense FFN.
 
     python benchmarks/peer_layer.py                          # CPU: a small sweep, float32
-    python benchmarks/peer_layer.py --cpu-target             # issue 9's CPU target; prints the speedup
-    python benchmarks/peer_layer.py --device cuda            # the issue's GPU sizes, bfloat16
+    python benchmarks/peer_layer.py --cpu-target             # the CPU target (128^2 experts); prints the speedup
+    python benchmarks/peer_layer.py --device cuda            # GPU sizes up to 1024^2 experts, bfloat16
     python benchmarks/peer_layer.py --experts 128,1024 --tokens 2048 --threads 2 --json peer.json
 
 Rows per configuration (experts = n^2 on an n x n grid, T tokens):
@@ -32,7 +32,7 @@ see torch's allocations). CPU memory is measured with ``--memory`` and by defaul
 otherwise, and where /proc is missing, it is "n/a". A call on 8 tokens runs first so that the
 process's one-time allocations (autograd engine, thread pools) are not counted.
 
-Bandwidth floor (memory-bound layer, DESIGN.md section 9): the bytes that must move at least are
+Bandwidth floor (the layer is memory-bound): the bytes that must move at least are
     fwd      2*T*M*D*b_w + 2*T*D*b_a                 (each slot reads one u and one v row; x in, y out)
     fwd+bwd  fwd + 2*T*M*D*b_w + 2*N*D*b_w + 3*T*D*b_a
                                                      (u, v rows again; dU and dV written once; dy in,
@@ -310,7 +310,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--cpu-target", action="store_true",
-                   help="issue 9's CPU target: float32, dim 256, 128^2 experts, 8 heads, top-16, 2048 tokens")
+                   help="the CPU target: float32, dim 256, 128^2 experts, 8 heads, top-16, 2048 tokens")
     p.add_argument("--experts", type=parse_ints, help="grid sides n (experts = n^2), comma-separated")
     p.add_argument("--tokens", type=parse_ints, help="token counts, comma-separated")
     p.add_argument("--dim", type=int)

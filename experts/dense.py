@@ -1,45 +1,18 @@
-"""Dense feed-forward block (the baseline every FFN is matched against), plus the small
-activation / argument-checking helpers that PEER and MoE share with it.
+"""Dense feed-forward block: the nanoGPT MLP every FFN in this package is matched against.
 
-DenseFFN is the nanoGPT MLP: Linear(dim, hidden) -> act -> Linear(hidden, dim) -> dropout,
-with biases by default (``bias=False`` drops them). Parameters use torch's default nn.Linear
-initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)); PEER's initialisation is chosen relative to
-this one (see experts/peer.py).
-
-FLOP convention shared by every FFN in this package: a multiply-add is 2 FLOPs, an addition,
-multiplication or comparison is 1, an activation function is 1 per element.
+Linear(dim, hidden) -> act -> Linear(hidden, dim) -> dropout, with biases by default
+(``bias=False`` drops them) and torch's default nn.Linear initialisation U(-1/sqrt(fan_in),
+1/sqrt(fan_in)); PEER's initialisation is chosen relative to this one (docs/peer.md,
+'Initialisation'). FLOPs follow the package's convention (docs/peer.md, 'FLOP convention'): a
+multiply-add is 2 FLOPs, an addition, multiplication or comparison 1, an activation 1 per element.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = ("gelu", "relu")
-
-
-def check_choice(name: str, value, valid) -> None:
-    """Raise ValueError naming the argument and its valid values unless ``value in valid``."""
-    if value not in valid:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
-
-
-def check_int(name: str, value, minimum: int = 1) -> None:
-    """Raise ValueError unless ``value`` is an int (not a bool) that is >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def check_dropout(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"dropout must be a float in [0, 1), got {value!r}")
-
-
-def activation_fn(name: str):
-    """'gelu' = torch's exact (erf) GELU, 'relu' = plain ReLU (PEER paper, section 2)."""
-    check_choice("activation", name, ACTIVATIONS)
-    return F.gelu if name == "gelu" else F.relu
+from .checks import activation_fn, check_dropout, check_int, check_last_dim
 
 
 class DenseFFN(nn.Module):
@@ -59,8 +32,7 @@ class DenseFFN(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"input's last dimension must be dim={self.dim}, got shape {tuple(x.shape)}")
+        check_last_dim(x, self.dim)
         return self.dropout(self.proj(self.act(self.fc(x))))
 
     def aux_loss(self) -> torch.Tensor:

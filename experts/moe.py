@@ -1,30 +1,12 @@
 """Coarse top-k mixture of experts with the ST-MoE stabilisers (Zoph et al. 2022), the baseline
-PEER is compared against at matched compute (DESIGN.md section 8).
+PEER is compared against at matched compute.
 
-Choices (implementations disagree on each, so here is ours):
-  - Router: Linear(dim, E, bias=False) computed in float32 (autocast off); probabilities are a
-    softmax over all E experts; each token takes its top_k experts. Router weights start small,
-    N(0, 0.1/dim) (Switch Transformer's reduced router init), so routing starts near-uniform.
-  - Gates: the top-k probabilities renormalised to sum to 1 over the token's k experts
-    (``normalize_gates=True``, as GShard / ST-MoE top-2 / Mixtral). With top_k=1 this makes the
-    gate exactly 1 and the router is trained only by the auxiliary losses; pass
-    ``normalize_gates=False`` for Switch-style raw probabilities.
-  - Load-balancing loss  N * sum_i f_i * P_i  with f_i the fraction of the T*k token-slots whose
-    choice is expert i (sum_i f_i = 1; dropped slots are counted: f measures the router's intent)
-    and P_i the mean router probability of expert i. It equals 1 at perfect balance for any k.
-  - Router z-loss  mean_t logsumexp(logits_t)^2.
-  - Dispatch: dropless by default (every slot is computed, so a token's output never depends on
-    the rest of the batch). With ``capacity_factor`` set, each expert takes at most
-        capacity = ceil(capacity_factor * T * k / E)
-    slots (k IS multiplied in: the capacity is relative to the even share of all T*k slots).
-    Slots are admitted in priority order: every token's first choice before any second choice,
-    then token order (GShard). A dropped slot contributes nothing (the residual carries the
-    token); the dropped fraction of slots is reported in aux_metrics().
-  - Growth (grow(), DESIGN.md section 5, experts/growth.py): new experts get a router-logit offset
-    (buffer ``logit_offset``) of -inf, then -margin * (1 - t/W), then 0. Experts still at -inf are
-    dormant: they have probability exactly 0, and neither the capacity nor the balance loss's
-    factor N counts them, so at the moment of growth the output, the losses and the metrics are
-    unchanged (dropless or not). Frozen experts (buffer ``frozen``) run on detached weights.
+Implementations disagree on many details; ours (router in float32, renormalised top-k gates,
+load-balancing loss N * sum_i f_i * P_i, router z-loss, dropless dispatch or GShard-style capacity,
+dormant growth) are spelled out in docs/peer.md, 'The coarse MoE baseline'.
+
+Shape suffixes: T tokens (leading dims flattened), E experts, K top_k, D dim, S = K * T slots,
+C tokens routed to one expert, N new experts (grow).
 """
 
 from __future__ import annotations
@@ -36,7 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import growth
-from .dense import activation_fn, check_choice, check_dropout, check_int
+from .checks import (ACTIVATIONS, activation_fn, check_choice, check_dropout, check_inputs, check_int, check_last_dim,
+                     check_tokens, is_number)
+from .freezing import attach, surgery_targets
+from .surgery import append_rows_, check_resizable_state, resize_rows_
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, expert_index_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -64,25 +49,22 @@ def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
 def _check_capacity(name: str, value) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if not is_number(value) or not value > 0:
         raise ValueError(f"{name} must be None (dropless) or a number > 0, got {value!r}")
 
 
 class MoE(nn.Module):
     """Top-k MoE FFN: x [..., dim] -> sum over the token's k experts of gate * FFN_e(x).
 
-    Each expert is Linear(dim, hidden) -> act -> Linear(hidden, dim) (biases by default), stored
-    as batched tensors w1 [E, dim, hidden], b1 [E, hidden], w2 [E, hidden, dim], b2 [E, dim] with
-    nn.Linear's default init. Tokens are grouped per expert by a stable sort and each group is one
-    matmul. capacity_factor=None is dropless in training and eval; otherwise training uses
-    capacity_factor and eval uses eval_capacity_factor (None there = dropless eval).
-
-    aux_loss() is balance_coef * balance + z_coef * z of the *last training* forward (a tensor that
-    carries gradient; zero after an eval forward or before any forward). Add it to the loss after
-    each forward. aux_metrics() reports the last forward's losses and dropped fraction.
-
-    Usage recording: set ``layer.usage_counter = UsageCounter(layer.num_experts, 1)`` (or use
-    experts.usage.track_usage); in eval mode each forward adds the gates of the chosen experts.
+    Expert e is Linear(dim, hidden) -> act -> Linear(hidden, dim) (biases by default), stored as
+    batched w1 [E, dim, hidden], b1 [E, hidden], w2 [E, hidden, dim], b2 [E, dim] with nn.Linear's
+    default init; tokens are grouped per expert by a stable sort, one matmul per group.
+    capacity_factor=None is dropless in training and eval; otherwise training uses capacity_factor
+    and eval eval_capacity_factor (None there = dropless eval). aux_loss(): balance_coef * balance
+    + z_coef * z of the *last training* forward (carries gradient; zero after an eval forward or
+    before any), to add to the loss after each forward; aux_metrics(): the last forward's losses
+    and dropped fraction. ``usage_counter`` (experts.usage.track_usage) adds the chosen experts'
+    gates in eval mode. Design choices: docs/peer.md, 'The coarse MoE baseline'.
     """
 
     def __init__(self, dim: int, num_experts: int = 8, hidden: int | None = None, top_k: int = 2,
@@ -97,9 +79,9 @@ class MoE(nn.Module):
         check_int("top_k", top_k)
         if top_k > num_experts:
             raise ValueError(f"top_k={top_k} must be <= num_experts={num_experts}")
-        check_choice("activation", activation, ("gelu", "relu"))
+        check_choice("activation", activation, ACTIVATIONS)
         for name, coef in (("balance_coef", balance_coef), ("z_coef", z_coef)):
-            if isinstance(coef, bool) or not isinstance(coef, (int, float)) or coef < 0:
+            if not is_number(coef) or coef < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {coef!r}")
         _check_capacity("capacity_factor", capacity_factor)
         _check_capacity("eval_capacity_factor", eval_capacity_factor)
@@ -120,7 +102,7 @@ class MoE(nn.Module):
             self.register_parameter("b1", None)
             self.register_parameter("b2", None)
         self.dropout = nn.Dropout(dropout)
-        # growth state per expert (see experts/growth.py); buffers, so checkpoints carry it
+        # growth state per expert (docs/growth.md); buffers, so checkpoints carry it
         self.register_buffer("logit_offset", torch.zeros(num_experts))
         self.register_buffer("warmup_left", torch.zeros(num_experts, dtype=torch.int64))
         self.register_buffer("warmup_total", torch.zeros(num_experts, dtype=torch.int64))
@@ -148,8 +130,7 @@ class MoE(nn.Module):
 
     # ---- routing ------------------------------------------------------------------------------
     def _flatten(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"input's last dimension must be dim={self.dim}, got shape {tuple(x.shape)}")
+        check_last_dim(x, self.dim)
         return x.reshape(-1, self.dim)
 
     def _router(self, x_TD: torch.Tensor):
@@ -247,44 +228,39 @@ class MoE(nn.Module):
                          "dropped_fraction": float(dropped_fraction)}
         return self.dropout(y_TD).reshape(x.shape)
 
-    # ---- growth (DESIGN.md section 5; mechanics and schedule in experts/growth.py) ------------
+    # ---- growth (docs/growth.md) ---------------------------------------------------------------
     def grow(self, n: int, optimizer=None, warmup_steps: int = 100, inputs=None,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """Add ``n`` experts; returns their ids, the int64 range old_E ..< new_E on the layer's device.
 
-        New router rows start dormant: logit offset -inf until the first optimizer step (the
-        softmax gives them probability exactly 0, so routes, gates and the dropless or capacity
-        output are unchanged at growth), then -margin * (1 - t / warmup_steps), 0 after
-        warmup_steps optimizer steps; margin = |x|max * (max |new router row| + max |old router
-        row|) bounds how far a new logit can exceed an old one, with |x|max from ``inputs``
-        [..., dim] when given, else sqrt(dim) (the LayerNorm in front of the block gives features
-        of unit variance). warmup_steps=0: live at once, not function-preserving.
-        New router rows and expert weights use reset_parameters' distributions. ``optimizer``:
-        state surgery for router and expert tensors and hooks, exactly as PEER.grow.
+        New router rows start dormant: logit offset -inf until the first optimizer step (probability
+        exactly 0: routes, gates and output unchanged, dropless or not), then -margin * (1 - t /
+        warmup_steps), 0 after warmup_steps steps; margin = |x|max * (max |new router row| + max |old
+        router row|), |x|max from ``inputs`` [..., dim] or sqrt(dim) (docs/growth.md, 'Warm-in').
+        warmup_steps=0: live at once, not function-preserving. New rows and experts follow
+        reset_parameters; ``optimizer``: state surgery and hooks, exactly as PEER.grow.
         """
         growth.check_grow_args(n, warmup_steps, optimizer)
         old_e = self.num_experts
         b_in, b_hid = 1.0 / math.sqrt(self.dim), 1.0 / math.sqrt(self.hidden)
         router_ND = growth.normal((n, self.dim), self._router_std, generator)
         if inputs is not None:
-            if not torch.is_tensor(inputs):
-                raise ValueError(f"inputs must be a tensor [..., dim], got {type(inputs).__name__}")
+            check_inputs(inputs)
             x_TD = self._flatten(inputs.detach()).to("cpu", torch.float64)
-            if x_TD.shape[0] == 0:
-                raise ValueError("inputs must hold at least one token")
+            check_tokens(x_TD)
             x_norm = x_TD.norm(dim=-1).max()
         else:
             x_norm = torch.tensor(math.sqrt(self.dim), dtype=torch.float64)
         margin = growth.score_margin(x_norm, self.router.weight.detach().to("cpu", torch.float64), router_ND)
 
-        optimizers = growth.surgery_targets(self, optimizer)
-        growth.check_resizable_state([self.router.weight, *self.expert_tables()], optimizers)
-        growth.append_rows_(self.router.weight, router_ND, dim=0, optimizers=optimizers)
-        growth.append_rows_(self.w1, growth.uniform((n, self.dim, self.hidden), b_in, generator), 0, optimizers)
-        growth.append_rows_(self.w2, growth.uniform((n, self.hidden, self.dim), b_hid, generator), 0, optimizers)
+        optimizers = surgery_targets(self, optimizer)
+        check_resizable_state([self.router.weight, *self.expert_tables()], optimizers)
+        append_rows_(self.router.weight, router_ND, dim=0, optimizers=optimizers)
+        append_rows_(self.w1, growth.uniform((n, self.dim, self.hidden), b_in, generator), 0, optimizers)
+        append_rows_(self.w2, growth.uniform((n, self.hidden, self.dim), b_hid, generator), 0, optimizers)
         if self.bias:
-            growth.append_rows_(self.b1, growth.uniform((n, self.hidden), b_in, generator), 0, optimizers)
-            growth.append_rows_(self.b2, growth.uniform((n, self.dim), b_hid, generator), 0, optimizers)
+            append_rows_(self.b1, growth.uniform((n, self.hidden), b_in, generator), 0, optimizers)
+            append_rows_(self.b2, growth.uniform((n, self.dim), b_hid, generator), 0, optimizers)
         steps_N = self.warmup_left.new_full((n,), warmup_steps)
         margin_N = margin.to(self.warmup_margin).expand(n)
         self.warmup_left = torch.cat([self.warmup_left, steps_N])
@@ -298,7 +274,7 @@ class MoE(nn.Module):
         if self.usage_counter is not None:
             self.usage_counter.grow_to(self.num_experts)
         if optimizer is not None:
-            growth.attach(self, optimizer)
+            attach(self, optimizer)
         return torch.arange(old_e, self.num_experts, device=self.w1.device)
 
     def advance_warmup(self, steps: int = 1) -> None:
@@ -326,11 +302,11 @@ class MoE(nn.Module):
         saved = state_dict.get(prefix + "router.weight")
         if torch.is_tensor(saved) and saved.dim() == 2 and saved.shape[0] > self.num_experts:
             e = saved.shape[0]
-            growth.resize_rows_(self.router, "weight", e)
+            resize_rows_(self.router, "weight", e)
             for name in ("w1", "w2", "b1", "b2", "logit_offset", "warmup_left", "warmup_total",
                          "warmup_margin", "generation", "frozen"):
                 if getattr(self, name) is not None:
-                    growth.resize_rows_(self, name, e)
+                    resize_rows_(self, name, e)
             self.num_experts = e
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -1,88 +1,14 @@
 """Row-wise ("lazy") AdamW for large expert tables: update only the rows a step touched.
 
-Why. A PEER layer with N = 1024^2 experts holds two tables ``expert_u``, ``expert_v`` of shape
-[N, dim], but one batch retrieves at most tokens * heads * top_k of their rows. A dense AdamW step
-still reads and writes every row of the parameter, the gradient and both moments, so at a million
-experts the optimizer step, not the layer, dominates a training step (issue 9). ``RowAdamW``
-applies Adam only to the rows that received gradient and defers the weight decay of the others,
-so its cost follows the touched rows (plus two reductions over the gradient to find them).
+One batch retrieves few rows of PEER's [N, dim] expert tables, but a dense AdamW step reads and
+writes every row, so at a million experts the optimizer step dominates. ``RowAdamW`` applies
+AdamW (Loshchilov & Hutter 2019) only to the rows that received gradient, with lazy moments and a
+per-row bias correction, and defers the weight decay of the others exactly; with every row
+touched at every step it *is* AdamW. Row-wise groups hold the tables that modules expose through
+``row_sparse_tables()`` (PEER's expert_u / expert_v); every other group is torch's AdamW.
+Semantics, the dense fallback, growth and freezing: docs/optim.md.
 
-AdamW (Kingma & Ba 2015; decoupled weight decay, Loshchilov & Hutter 2019), per step t with
-learning rate lr_t, gradient g_t, betas (b1, b2), eps and weight decay wd::
-
-    w <- w * (1 - lr_t * wd)                          decoupled decay, independent of g
-    m <- b1 * m + (1 - b1) * g_t                      first moment
-    v <- b2 * v + (1 - b2) * g_t^2                    second moment
-    w <- w - lr_t * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
-
-Row-wise semantics (``rowwise=True`` groups). A row is *touched* by a step when its gradient row
-has any nonzero entry (dense gradient; NaN counts as nonzero) or when it is listed in a sparse
-COO gradient (``nn.Embedding(sparse=True)`` style; zero-valued listed rows count as touched).
-Then, as torch.optim.SparseAdam and TensorFlow's LazyAdam do:
-
-* a touched row gets exactly the AdamW update above, with its moments m, v;
-* an untouched row's moments are *not* decayed and the row gets *no* momentum step. AdamW would
-  keep moving a row after its last gradient (the decaying momentum "coasts" it about
-  1 / (1 - b1) = 10 more steps) and would shrink its second moment; here both are frozen until
-  the row is touched again. This is the main semantic difference from AdamW, and it is
-  deliberate: a rarely retrieved expert is not pushed along by stale momentum;
-* bias correction uses a *per-row* step count t_r = the number of steps that touched the row (the
-  other difference; SparseAdam and LazyAdam use the global count), so a row first retrieved at
-  global step 1000 takes an Adam first step of size ~lr, not the (1 - b1) / sqrt(1 - b2) ~ 3x
-  larger one (b2 = 0.999) a global count would give;
-* weight decay stays *exact*: decay does not depend on the gradient, so it is only postponed. Each
-  parameter keeps L_t = sum_{s <= t} log(1 - lr_s * wd) (float64, so a long schedule of per-step
-  factors neither underflows nor loses precision, learning-rate schedules included) and each row
-  the value L at its last update. When a row is next touched, or on ``flush()``, it is first
-  multiplied by exp(L_t - L_row) = prod over the missed steps of (1 - lr_s * wd), exactly what
-  AdamW would have applied. Touched every step, a row therefore follows AdamW step for step.
-
-So: with every row touched at every step, RowAdamW *is* AdamW (tested against torch.optim.AdamW
-to 1e-6; the arithmetic mirrors torch's single-tensor implementation operation by operation, and
-on the CPU the results were bit-identical to ``AdamW(foreach=False)`` on every path).
-
-Pending decay and saved weights. Between touches a row's stored weights lack the decay of the
-steps it missed; the optimizer state holds what is missing (``rows['log_decay']``), so a
-checkpoint of model + optimizer state resumes exactly without any flush. Before using the weights
-*outside* this optimizer (evaluation, export, analysis of a checkpoint) call ``flush()`` (or
-``flush_pending_decay(optimizer)``, a no-op for other optimizers): it applies every row's missing
-factor in one pass over the tables. ``state_dict()`` does not flush by itself: a model saved before
-the optimizer state would then disagree with it. With ``weight_decay=0`` (the project's expert
-group) nothing is ever pending and ``flush()`` is a cheap no-op.
-
-Dense fallback. Finding the touched rows costs two reductions over the gradient and a host sync;
-updating them gathers the touched rows of weights, gradient and moments, updates them and
-scatters them back, several times the bytes per row of AdamW's in-place pass. When most rows are
-touched, one masked pass over whole tables is cheaper: a step whose touched fraction exceeds
-``dense_fallback`` runs the same math as full-table operations with per-row coefficients
-(untouched rows multiply by exactly 1 and add exactly 0), at about the cost of AdamW's
-single-tensor step. The default 0.5 sits between the measured CPU crossover (~0.3,
-benchmarks/optimizer_step.py) and a GPU estimate from bytes moved (~0.6); tune it per machine. The threshold only picks the execution strategy, never the
-semantics: both paths give the same result up to float rounding (tested). ``dense_fallback=0``
-always takes the masked dense path, ``1`` never does. When a step touches every row and every row
-has the same step count and decay mark (every step so far touched every row: a small pool under a
-large batch, e.g. the iso-peer preset's 4096 experts), the per-row quantities are scalars and the
-step runs torch's own AdamW kernel (the group's ``foreach`` / ``fused``), at AdamW's speed.
-
-Growth and freezing (experts/growth.py). State shaped like the parameter (``exp_avg``,
-``exp_avg_sq``) is padded by the growth surgery (``PEER.grow(n, optimizer=opt)``) like AdamW's; the
-per-row bookkeeping lives in a nested dict ``state['rows']`` (``step`` int32 [N], ``log_decay``
-float64 [N]) that growth's surgery deliberately does not see (it only resizes parameter-shaped
-tensors) and that RowAdamW extends itself at the next step or flush: new rows start with no step
-and no pending decay, old rows keep theirs. Rows of a layer's ``frozen`` buffer, for every layer
-attached to this optimizer (``experts.attach`` / ``experts.freeze(layer, ids, optimizer)``), are
-never touched and never written, not even by ``flush()``: they do not decay while frozen (as under
-AdamW + the freeze guard), and decay a row still owed from before its freeze stays owed until it is
-unfrozen (call ``flush()`` before freezing to settle it first, making the frozen values exactly the
-AdamW ones). The attach guard still snapshots and restores them around every step.
-
-Dense groups (``rowwise=False``, the default) are plain AdamW through torch's own functional
-implementation (``foreach`` / ``fused`` as in torch.optim.AdamW), so one optimizer serves a whole
-model: Avalanche strategies take exactly one. ``rowwise_groups(model, groups)`` moves the PEER
-expert tables of existing parameter groups into row-wise groups with the same settings.
-
-Not supported: amsgrad, maximize, complex parameters, capturable / CUDA graphs (row selection
-syncs with the host), gradient scaling through ``grad_scale`` / ``found_inf``.
+Shape suffixes: N rows of a table, K touched rows, D row width.
 """
 
 from __future__ import annotations
@@ -94,10 +20,12 @@ import torch
 from torch import nn
 from torch.optim.adamw import adamw as _adamw_functional
 
-from . import growth
-from .peer import PEER
+from .checks import is_number
+from .freezing import attach, attached_layers, growable_layers
+from .row_updates import lockstep_update, masked_dense_update, sparse_update
 
-__all__ = ["RowAdamW", "build_expert_optimizer", "flush_pending_decay", "rowwise_groups", "touched_rows"]
+__all__ = ["RowAdamW", "build_expert_optimizer", "flush_pending_decay", "row_sparse_tables", "rowwise_groups",
+           "touched_rows"]
 
 
 def touched_rows(grad: torch.Tensor) -> torch.Tensor:
@@ -110,7 +38,7 @@ def touched_rows(grad: torch.Tensor) -> torch.Tensor:
 
 
 def _check_number(name: str, value, low: float, high: float | None = None, high_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+    ok = is_number(value) and math.isfinite(value) and value >= low
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
@@ -142,21 +70,15 @@ def _check_group_options(group: dict) -> None:
 
 
 class RowAdamW(torch.optim.Optimizer):
-    """AdamW whose ``rowwise=True`` parameter groups update only the rows each step touched
-    (lazy moments, per-row bias correction, exact deferred weight decay; module docstring).
+    """AdamW whose ``rowwise=True`` groups (2-D tables [rows, dim]) update only the rows each step
+    touched: lazy moments, per-row bias correction, exact deferred weight decay (docs/optim.md).
 
-    Args:
-        params: parameters or parameter groups, as for torch.optim.AdamW. Each group may set any
-            of the options below; ``rowwise`` marks groups of 2-D tables [rows, dim].
-        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
-        rowwise: default of the groups' ``rowwise`` flag (False: plain AdamW).
-        dense_fallback: fraction of touched rows above which a row-wise step runs as one masked
-            pass over the whole table (same result; a speed choice). 0 = always, 1 = never.
-        foreach, fused: implementation of the dense groups' AdamW, as in torch.optim.AdamW.
-
-    ``flush()`` applies the weight decay the untouched rows still owe (call it before using the
-    weights outside training); ``state_dict()`` / ``load_state_dict()`` round-trip through
-    ``torch.save`` / ``torch.load(weights_only=True)`` (tensors, numbers and dicts only).
+    params, lr, betas, eps, weight_decay, foreach, fused: as torch.optim.AdamW (foreach / fused
+    pick the dense groups' implementation); each group may set any option. rowwise: the groups'
+    default (False: plain AdamW). dense_fallback: touched fraction above which a row-wise step runs
+    as one masked pass over the table (same result, a speed choice; 0 = always, 1 = never).
+    ``flush()`` applies the decay untouched rows still owe (call it before using the weights outside
+    training); state dicts round-trip through ``torch.load(weights_only=True)``.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -184,8 +106,7 @@ class RowAdamW(torch.optim.Optimizer):
 
     # ---- state ----------------------------------------------------------------------------------
     def _init_state(self, param: torch.Tensor, group: dict, state: dict) -> None:
-        # 'step' as torch.optim.AdamW keeps it (a float32 scalar; on the device when fused), so
-        # growth surgery, LR tooling and the freeze guard see familiar state.
+        # 'step' as AdamW keeps it (float32; on the device when fused): surgery, LR tools, guard know it
         on_device = bool(group["fused"]) and not group["rowwise"]
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu")
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -202,8 +123,7 @@ class RowAdamW(torch.optim.Optimizer):
         step and no pending decay. Moments not padded by a growth surgery are zero-padded here.
         State loaded from torch.optim.AdamW gets per-row state with every row in lockstep."""
         n = param.shape[0]
-        if "rows" not in state:  # AdamW state (e.g. a checkpoint of torch.optim.AdamW): every row
-            # has taken every step and owes no decay, which is exactly rows in lockstep
+        if "rows" not in state:  # torch.optim.AdamW state: every row took every step, owes no decay
             state["log_decay"] = 0.0
             state["rows"] = {"step": torch.full((state["exp_avg"].shape[0],), int(state["step"]), dtype=torch.int32,
                                                 device=param.device),
@@ -230,7 +150,7 @@ class RowAdamW(torch.optim.Optimizer):
         """id(table) -> the ``frozen`` buffer [N] of each layer attached to this optimizer that has
         frozen experts."""
         masks = {}
-        for layer in growth.attached_layers(self):
+        for layer in attached_layers(self):
             if layer.has_frozen():
                 for table in layer.expert_tables():
                     masks[id(table)] = layer.frozen
@@ -282,6 +202,8 @@ class RowAdamW(torch.optim.Optimizer):
                           weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
     def _row_step(self, param: torch.Tensor, group: dict, frozen_N: torch.Tensor | None) -> None:
+        """One step of a row-wise table: advance its decay sum, find the touched rows, update them
+        by the cheapest path with the same result (docs/optim.md, 'Execution paths')."""
         state = self.state[param]
         if not state:
             self._init_state(param, group, state)
@@ -292,19 +214,18 @@ class RowAdamW(torch.optim.Optimizer):
             step_log_decay = math.log1p(-lr * wd)
             state["log_decay"] += step_log_decay
             if frozen_N is not None:
-                # frozen rows do not decay: their mark moves with L, so what they owed when frozen
-                # stays owed, unchanged (the same float64 additions as L: 0 owed stays exactly 0)
+                # frozen rows' mark moves with L (same float64 adds): what they owe stays owed, exactly
                 rows["log_decay"].add_(frozen_N.to(torch.float64) * step_log_decay)
         ids_K, grad_KD, touched_N = self._touched(param.grad, frozen_N)
         k = ids_K.numel()
         if k == 0:
             return
         if k == param.shape[0] and self._lockstep(rows):
-            self._lockstep_update(param, group, state, rows)
+            lockstep_update(param, group, state, rows)
         elif k > group["dense_fallback"] * param.shape[0]:
-            self._masked_dense_update(param, group, state, rows, ids_K, grad_KD, touched_N, frozen_N)
+            masked_dense_update(param, group, state, rows, ids_K, grad_KD, touched_N, frozen_N)
         else:
-            self._sparse_update(param, group, state, rows, ids_K, grad_KD)
+            sparse_update(param, group, state, rows, ids_K, grad_KD)
 
     @staticmethod
     def _touched(grad: torch.Tensor, frozen_N: torch.Tensor | None):
@@ -330,94 +251,6 @@ class RowAdamW(torch.optim.Optimizer):
         touched by every step so far, the common case of a small pool and a large batch)."""
         step_N, mark_N = rows["step"], rows["log_decay"]
         return bool((step_N == step_N[0]).all() & (mark_N == mark_N[0]).all())
-
-    def _lockstep_update(self, param, group, state, rows) -> None:
-        """Every row touched and all rows in lockstep: the per-row quantities are scalars, so
-        this is exactly AdamW, run by torch's kernel (the group's foreach / fused choice)."""
-        beta1, beta2 = group["betas"]
-        owed = math.exp(state["log_decay"] - float(rows["log_decay"][0]))
-        if owed != 1.0:
-            param.mul_(owed)
-        grad = param.grad.to_dense() if param.grad.is_sparse else param.grad
-        step = torch.tensor(float(rows["step"][0]), dtype=torch.float32,
-                            device=param.device if group["fused"] else "cpu")  # the functional adds 1
-        _adamw_functional([param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [step],
-                          foreach=group["foreach"], fused=group["fused"], amsgrad=False, beta1=beta1, beta2=beta2,
-                          lr=group["lr"], weight_decay=0.0, eps=group["eps"], maximize=False)
-        rows["step"].add_(1)
-        rows["log_decay"].fill_(state["log_decay"])
-
-    @staticmethod
-    def _bias_corrections(steps: torch.Tensor, lr: float, beta1: float, beta2: float, dtype: torch.dtype):
-        """Per-row (-step size) = -lr / (1 - b1^t) and sqrt(1 - b2^t), computed in float64 like
-        torch's Python-float scalars, then rounded to the parameter's dtype, as columns [rows, 1].
-        Rows with t = 0 (untouched, masked path) get t = 1 here; the caller zeroes their step."""
-        t = steps.to(torch.float64).clamp(min=1)
-        neg_step_size = -lr / (1 - torch.pow(beta1, t))
-        bias_correction2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
-        return neg_step_size.to(dtype).unsqueeze(1), bias_correction2_sqrt.to(dtype).unsqueeze(1)
-
-    def _sparse_update(self, param, group, state, rows, ids_K, grad_KD) -> None:
-        """Gather the K touched rows, apply owed decay + AdamW to them, scatter them back.
-
-        The AdamW arithmetic is torch's single-tensor implementation operation for operation
-        (lerp, mul + addcmul, sqrt / bc2 + eps, addcdiv of (-step_size * m) / denom), with the
-        per-row scalars as [K, 1] columns; buffers are reused to keep allocations at five."""
-        beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        if grad_KD is None:
-            grad_KD = param.grad.index_select(0, ids_K)
-        else:
-            grad_KD = grad_KD.to(param.dtype, copy=True)  # a buffer of our own: it becomes denom
-        w_KD = param.index_select(0, ids_K)
-        m_KD = exp_avg.index_select(0, ids_K)
-        v_KD = exp_avg_sq.index_select(0, ids_K)
-        steps_K = rows["step"].index_select(0, ids_K) + 1
-        rows["step"].index_copy_(0, ids_K, steps_K)
-        log_decay = state["log_decay"]
-        if log_decay != 0.0:  # decay owed since each row's last update, this step's included
-            owed_K = torch.exp(log_decay - rows["log_decay"].index_select(0, ids_K))
-            w_KD.mul_(owed_K.to(w_KD.dtype).unsqueeze(1))
-            rows["log_decay"].index_fill_(0, ids_K, log_decay)
-        m_KD.lerp_(grad_KD, 1 - beta1)
-        v_KD.mul_(beta2).addcmul_(grad_KD, grad_KD, value=1 - beta2)
-        neg_step_size_K1, bc2_sqrt_K1 = self._bias_corrections(steps_K, group["lr"], beta1, beta2, w_KD.dtype)
-        denom_KD = torch.sqrt(v_KD, out=grad_KD).div_(bc2_sqrt_K1).add_(group["eps"])
-        # torch: param.addcdiv_(exp_avg, denom, value=-step_size), whose kernel rounds
-        # (value * exp_avg) / denom; a per-row value is folded into exp_avg the same way
-        w_KD.addcdiv_(m_KD * neg_step_size_K1, denom_KD)
-        param.index_copy_(0, ids_K, w_KD)
-        exp_avg.index_copy_(0, ids_K, m_KD)
-        exp_avg_sq.index_copy_(0, ids_K, v_KD)
-
-    def _masked_dense_update(self, param, group, state, rows, ids_K, grad_KD, touched_N, frozen_N) -> None:
-        """The same update as _sparse_update over whole tables: untouched rows get moment
-        coefficients of exactly 1 and 0, zero gradient, decay factor 1 and step size 0, so they
-        do not change by a single bit."""
-        beta1, beta2 = group["betas"]
-        n = param.shape[0]
-        if touched_N is None:  # a sparse gradient: scatter it into a dense one
-            touched_N = torch.zeros(n, dtype=torch.bool, device=param.device).index_fill_(0, ids_K, True)
-            grad = param.new_zeros(param.shape).index_copy_(0, ids_K, grad_KD.to(param.dtype))
-        else:
-            grad = param.grad
-            if frozen_N is not None:  # frozen rows are untouched even if something gave them gradient
-                grad = grad.masked_fill(frozen_N.unsqueeze(1), 0)
-        touched_N1 = touched_N.unsqueeze(1)
-        rows["step"].add_(touched_N.to(rows["step"].dtype))
-        log_decay = state["log_decay"]
-        if log_decay != 0.0:
-            owed_N = torch.exp(log_decay - rows["log_decay"]).where(touched_N, 1.0)
-            param.mul_(owed_N.to(param.dtype).unsqueeze(1))
-            rows["log_decay"].masked_fill_(touched_N, log_decay)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(grad, torch.where(touched_N1, 1 - beta1, 0.0).to(exp_avg.dtype))
-        exp_avg_sq.mul_(torch.where(touched_N1, beta2, 1.0).to(exp_avg_sq.dtype)).addcmul_(grad, grad,
-                                                                                           value=1 - beta2)
-        neg_step_size_N1, bc2_sqrt_N1 = self._bias_corrections(rows["step"], group["lr"], beta1, beta2, param.dtype)
-        neg_step_size_N1 = neg_step_size_N1.where(touched_N1, 0.0)
-        denom = exp_avg_sq.sqrt().div_(bc2_sqrt_N1).add_(group["eps"])
-        param.addcdiv_(exp_avg * neg_step_size_N1, denom)
 
     # ---- pending decay --------------------------------------------------------------------------
     @torch.no_grad()
@@ -454,8 +287,7 @@ class RowAdamW(torch.optim.Optimizer):
         round, flush() first: AdamW ignores the per-row state and so the pending decay."""
         saved_rows = {index: value["rows"] for index, value in state_dict["state"].items()
                       if isinstance(value, dict) and isinstance(value.get("rows"), dict)}
-        # options a saved group lacks (a torch.optim.AdamW state has no 'rowwise') keep this
-        # optimizer's values rather than the defaults
+        # options a saved group lacks (AdamW's has no 'rowwise') keep this optimizer's values, not defaults
         ours = [{key: group[key] for key in ("rowwise", "dense_fallback", "foreach", "fused")}
                 for group in self.param_groups]
         super().load_state_dict(state_dict)
@@ -474,17 +306,20 @@ class RowAdamW(torch.optim.Optimizer):
 
 
 # ---- building -----------------------------------------------------------------------------------
-def _expert_tables(model: nn.Module) -> list[torch.Tensor]:
-    return [table for module in model.modules() if isinstance(module, PEER) for table in module.expert_tables()]
+def row_sparse_tables(model: nn.Module) -> list[torch.Tensor]:
+    """The tables of ``model`` to train row-wise: ``row_sparse_tables()`` of every module that has
+    that method (PEER: expert_u, expert_v), in module order. MoE has none: its tables stay dense."""
+    return [table for module in model.modules() if callable(getattr(module, "row_sparse_tables", None))
+            for table in module.row_sparse_tables()]
 
 
 def rowwise_groups(model: nn.Module, groups: Iterable[dict] | None = None) -> list[dict]:
     """Parameter groups for RowAdamW: ``groups`` (default: one group of every trainable parameter)
-    unchanged, except that the PEER expert tables (``expert_u``, ``expert_v``) of ``model`` move
-    out of each group into a new group with the same settings plus ``rowwise=True``, appended
+    unchanged, except that the tables of ``row_sparse_tables(model)`` (PEER's ``expert_u``,
+    ``expert_v``) move out of each group into a new group with the same settings plus ``rowwise=True``, appended
     after all the given groups (their indices stay valid; a group may be left empty). The new
     group is named ``<name>_rows`` after its source group (``expert_tables`` when unnamed)."""
-    tables = {id(t) for t in _expert_tables(model)}
+    tables = {id(t) for t in row_sparse_tables(model)}
     if groups is None:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     kept, moved = [], []
@@ -509,8 +344,8 @@ def build_expert_optimizer(model: nn.Module, lr: float = 1e-3, betas: tuple[floa
     them yourself and pass ``rowwise_groups(model, groups)`` to RowAdamW."""
     optimizer = RowAdamW(rowwise_groups(model), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          dense_fallback=dense_fallback, **kwargs)
-    if growth.growable_layers(model):
-        growth.attach(model, optimizer)
+    if growable_layers(model):
+        attach(model, optimizer)
     return optimizer
 
 

@@ -1,14 +1,10 @@
 """PEER: Parameter Efficient Expert Retrieval (He 2024, "Mixture of A Million Experts",
 arXiv 2407.04153), a pool of N single-neuron experts retrieved per token through product keys.
 
-The layer, in the paper's terms (section 2):
-    MoE layer      f(x) = sum_{i in I} g_i(x) e_i(x),  I = indices of the top-k of q(x)^T k_i,
-                   g_i = softmax (or sigmoid) of those top-k scores;
-    product keys   k_i = [c_a; c'_b], retrieved exactly with two top-k's over the sub-key
-                   codebooks C, C' and a top-k over the k*k candidate sums (product_keys.py);
-    expert         e_i(x) = act(u_i^T x) v_i, a singleton MLP with one hidden neuron, no biases;
-    multi-head     f(x) = sum_{h=1}^{H} f^h(x): H heads, each with its own query and codebooks,
-                   retrieve k experts each from the one shared pool.
+Per head h, f^h(x) = sum_{i in I} g_i(x) act(u_i^T x) v_i (section 2, eq. (1) with singleton-MLP
+experts), I the top-k of the product-key scores q(x)^T k_i, g a softmax (or sigmoid) of those
+scores; the layer sums its H heads. The equations, the layout, the BatchNorm caveat and the
+initialisation are in docs/peer.md; growth and freezing in docs/growth.md.
 
 Shape suffixes: T tokens (leading dims flattened), H heads, K top_k, N experts, D dim.
 """
@@ -22,25 +18,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import growth, kernels
-from .dense import activation_fn, check_choice, check_dropout, check_int
+from .checks import (ACTIVATIONS, activation_fn, check_choice, check_dropout, check_inputs, check_int, check_key_dim,
+                     check_last_dim, check_tokens, is_int)
+from .freezing import attach, surgery_targets
 from .product_keys import ProductKeys, check_top_k
+from .surgery import append_rows_, check_resizable_state, resize_rows_
 
 QUERY_NORMS = ("batchnorm", "layernorm", "rmsnorm", "none")
 SCORES = ("softmax", "sigmoid")
 
-# Approximate FLOPs per query feature of each query norm (mean, variance, subtract, scale, shift;
-# RMSNorm has no mean/shift). Only a rough term: it is tiny next to the rest.
+# rough FLOPs per query feature (mean, variance, subtract, scale, shift; RMSNorm: no mean/shift): tiny
 _NORM_FLOPS = {"batchnorm": 5, "layernorm": 5, "rmsnorm": 4, "none": 0}
 
 
 def parse_grid(num_experts) -> tuple[int, int]:
     """num_experts: a perfect-square int n*n (an n x n grid) or an explicit tuple (n1, n2)."""
     if isinstance(num_experts, (tuple, list)):
-        if len(num_experts) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
-                                         for n in num_experts):
+        if len(num_experts) == 2 and all(is_int(n) and n >= 1 for n in num_experts):
             return int(num_experts[0]), int(num_experts[1])
         raise ValueError(f"num_experts as a tuple must be (n1, n2) with two ints >= 1, got {num_experts!r}")
-    if isinstance(num_experts, int) and not isinstance(num_experts, bool) and num_experts >= 1:
+    if is_int(num_experts) and num_experts >= 1:
         side = math.isqrt(num_experts)
         if side * side == num_experts:
             return side, side
@@ -87,51 +84,14 @@ class QueryNorm(nn.Module):
 class PEER(nn.Module):
     """PEER layer: x [..., dim] -> y [..., dim] = sum_h sum_k w[h,k] * act(u_id . x) * v_id.
 
-    Pieces and parameter layout (all growable by appending rows, DESIGN.md section 5):
-      query      Linear(dim, heads*key_dim, bias=False): one query per head.
-      norm       query norm (``query_norm``), see QueryNorm.
-      codebooks  ProductKeys: keys1 [H, n1, key_dim/2], keys2 [H, n2, key_dim/2], offset1 [H, n1].
-      expert_u, expert_v   [n1*n2, dim]; expert id i*n2 + j = row i of keys1, column j of keys2.
-
-    BatchNorm caveat: in train mode the query BatchNorm normalises every query feature with the
-    mean and variance of *all tokens in the batch* (every leading dim is flattened into the
-    batch), so a token's route and output depend on the other tokens, including later positions
-    of the same sequence in a causal LM, and the statistics drift when the data domain changes.
-    In eval mode it uses running statistics and each token is routed on its own. "layernorm",
-    "rmsnorm" and "none" are exactly per-token in both modes. Calling route() in train mode with
-    batchnorm also updates the running statistics, like forward() does.
-
-    Initialisation (output scale matched to a dense FFN of the same active width m = heads*top_k
-    with torch's default nn.Linear init, so swapping a dense block for PEER keeps the residual
-    stream's scale at init):
-      - u ~ U(-1/sqrt(dim), 1/sqrt(dim)), exactly the rows of Linear(dim, m).weight, so the
-        pre-activations u . x have the dense block's distribution;
-      - the dense output is sum over m neurons of W2 * act with W2 ~ U(-1/sqrt(m), 1/sqrt(m)).
-        PEER multiplies each neuron by its weight w; softmax weights of a head sum to 1 and are
-        close to uniform (1/top_k) at init, sigmoid weights of top-k scores are close to 1. So
-        v ~ U(-c/sqrt(m), c/sqrt(m)) with c = top_k (softmax) or 1 (sigmoid) makes w * v match W2;
-      - sub-keys ~ N(0, 2/key_dim) so that each half-score has unit variance for unit-variance
-        queries: top-k scores stay O(1) and the softmax is smooth at init (ProductKeys);
-      - query net: default nn.Linear init (the query norm rescales it anyway).
-
-    Dropout (``dropout``) is applied to the layer's output, as in nanoGPT's MLP.
-
-    Compute path (``kernel``, also a plain attribute that may be changed at any time; see
-    experts/kernels): "auto" (default) runs the Triton kernels on CUDA when triton imports and the
-    fused embedding-bag path ("bag", no [T, M, D] gathered tensors) otherwise; "reference" forces
-    the plain torch implementation (einsum scores, torch.topk, two F.embedding gathers, einsum
-    mixing); "bag" and "triton" force those paths. The environment variable EXPERTS_KERNEL
-    overrides "auto". All paths compute the same function; "triton" breaks top-k ties by lowest
-    index (torch.topk leaves them unspecified) and sums in fp32 in its own order.
-
-    Usage recording: set ``layer.usage_counter = UsageCounter(layer.num_experts, layer.heads)``
-    (or call experts.usage.track_usage(layer)); while the layer is in eval mode every forward adds
-    its routing weights to the counter. Training forwards are not recorded.
-
-    Growth and freezing (DESIGN.md section 5, experts/growth.py): grow() appends rows of experts
-    that enter dormant and warm in; the ``frozen`` buffer [N] marks experts whose u/v the forward
-    detaches and the optimizer guard (experts.attach) keeps bit-identical. Loading the state dict
-    of a grown layer into a smaller one resizes it first.
+    Parameters: query Linear(dim, heads*key_dim, bias=False), ``norm`` (QueryNorm), ``codebooks``
+    (ProductKeys), expert_u / expert_v [n1*n2, dim] with id i*n2 + j = row i of keys1, column j
+    of keys2 (docs/peer.md, 'Pieces and layout'). With query_norm="batchnorm" a token's route
+    depends on its batch in train mode (docs/peer.md, 'BatchNorm caveat'). Initialisation
+    matches a dense FFN of width heads*top_k in output scale (docs/peer.md, 'Initialisation').
+    ``kernel`` picks the compute path (docs/kernels.md); ``dropout`` acts on the output;
+    ``usage_counter`` records routing weights in eval mode (experts.usage.track_usage). grow()
+    and the ``frozen`` buffer: docs/growth.md.
     """
 
     def __init__(self, dim: int, num_experts, heads: int = 8, top_k: int = 16, key_dim: int = 128,
@@ -140,12 +100,10 @@ class PEER(nn.Module):
         super().__init__()
         check_int("dim", dim)
         check_int("heads", heads)
-        check_int("key_dim", key_dim, minimum=2)
-        if key_dim % 2:
-            raise ValueError(f"key_dim must be even (the query is split into two halves), got {key_dim}")
+        check_key_dim(key_dim)
         n1, n2 = parse_grid(num_experts)
         check_top_k(top_k, n1, n2)
-        check_choice("activation", activation, ("gelu", "relu"))
+        check_choice("activation", activation, ACTIVATIONS)
         check_choice("query_norm", query_norm, QUERY_NORMS)
         check_choice("score", score, SCORES)
         check_dropout(dropout)
@@ -166,7 +124,7 @@ class PEER(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The output-scale-matched initialisation described in the class docstring."""
+        """The output-scale-matched initialisation (docs/peer.md, 'Initialisation')."""
         self.query.reset_parameters()
         self.codebooks.reset_parameters()
         nn.init.uniform_(self.expert_u, -self._u_bound, self._u_bound)
@@ -193,8 +151,7 @@ class PEER(nn.Module):
 
     # ---- routing ------------------------------------------------------------------------------
     def _flatten(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"input's last dimension must be dim={self.dim}, got shape {tuple(x.shape)}")
+        check_last_dim(x, self.dim)
         return x.reshape(-1, self.dim)
 
     def _queries(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -243,41 +200,24 @@ class PEER(nn.Module):
             if self.usage_counter.num_experts < self.num_experts:  # the pool grew
                 self.usage_counter.grow_to(self.num_experts)
             self.usage_counter.update(weights_THK.detach(), ids_THK)
-        # M = heads * top_k experts per token: y = sum_m w_m act(u_m . x) v_m (kernels.mix;
-        # frozen experts compute as usual but their rows receive zero gradient)
+        # M = heads * top_k slots per token; frozen experts compute as usual but get zero gradient
         T = x_TD.shape[0]
         y_TD = kernels.mix(path, x_TD, weights_THK.reshape(T, -1), ids_THK.reshape(T, -1), self.expert_u,
                            self.expert_v, self.activation, self.frozen if self.has_frozen() else None)
         return self.dropout(y_TD).reshape(x.shape)
 
-    # ---- growth (DESIGN.md section 5; mechanics and schedule in experts/growth.py) ------------
+    # ---- growth (docs/growth.md) ---------------------------------------------------------------
     def grow(self, n: int, optimizer=None, warmup_steps: int = 100, init: str = "random", inputs=None,
              usage=None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Add at least ``n`` experts as ceil(n / n2) new grid rows; returns their ids, the int64
-        range old_N ..< new_N on the layer's device. Old ids keep naming the same parameters.
+        """Add at least ``n`` experts as ceil(n / n2) new grid rows; returns their ids, the int64 range
+        old_N ..< new_N on the layer's device. Function-preserving: new rows score -inf until the first
+        optimizer step, then -margin * (1 - t / warmup_steps); 0 is live at once (docs/growth.md, 'Warm-in').
 
-        Function-preserving: each new row's score offset is -inf until the first optimizer step,
-        so right after growth no new key can enter any top-k: routes (train and eval mode) are the
-        old ones and outputs too, up to last-bit rounding of the wider score matmul; then the offset is -margin * (1 - t / warmup_steps), a handicap
-        that starts where no new key can out-score an old one (Cauchy-Schwarz margin from the
-        sub-key norms and the query norm) and reaches 0 after ``warmup_steps`` optimizer steps
-        (justification: experts/growth.py). warmup_steps=0: the new rows are live at once and the
-        output may change immediately.
-
-        optimizer: its state for keys1, expert_u and expert_v is extended (old moments kept bit-
-            identical, new rows zero, 'step' kept) and the warm-in / freeze hooks are attached to
-            it (once; experts.attach). Optimizers the layer is already attached to get the same
-            surgery. Without any, call advance_warmup() after each optimizer step yourself.
-        init: new sub-keys "random" | "copy" (of the rows most used in ``usage``, a UsageCounter
-            or counts [N] / [H, N]; random without usage) | "kmeans" (centres of the first-half
-            queries of ``inputs``), see growth.new_subkeys. New u / v rows follow
-            reset_parameters: a random v (not zero) lets a new expert contribute, and so send
-            gradient to its sub-key, from the moment it is first retrieved; with v = 0 the key's
-            gradient (through the weight times act(u . x) v) would vanish and the new rows could
-            not learn where to go. Function preservation comes from the offset, not from v.
-        inputs: recent inputs x [..., dim] of the layer; required by "kmeans", and when given the
-            margin uses the largest first-half query norm among them instead of sqrt(key_dim/2).
-            Queries are computed with the query norm in eval mode (no running-stat update).
+        optimizer: gets the state surgery (docs/growth.md, 'Optimizer surgery') and the hooks (attach);
+            optimizers already attached get the same surgery. With none, call advance_warmup() per step.
+        init: new sub-keys "random" | "copy" (most-used rows of ``usage``, a UsageCounter or counts) |
+            "kmeans" (of ``inputs``), see growth.new_subkeys; u / v rows follow reset_parameters.
+        inputs: recent x [..., dim]; needed by "kmeans", and sets the margin's query norm.
         generator: a CPU torch.Generator for every random draw (None = torch's global RNG).
         """
         growth.check_grow_args(n, warmup_steps, optimizer)
@@ -301,26 +241,24 @@ class PEER(nn.Module):
         u_RD = growth.uniform((rows * n2, self.dim), self._u_bound, generator)
         v_RD = growth.uniform((rows * n2, self.dim), self._v_bound, generator)
 
-        optimizers = growth.surgery_targets(self, optimizer)
-        growth.check_resizable_state([self.codebooks.keys1, self.expert_u, self.expert_v], optimizers)
+        optimizers = surgery_targets(self, optimizer)
+        check_resizable_state([self.codebooks.keys1, self.expert_u, self.expert_v], optimizers)
         self.codebooks.append_rows(keys_HRd, warmup_steps, margin_H, optimizers)
-        growth.append_rows_(self.expert_u, u_RD, dim=0, optimizers=optimizers)
-        growth.append_rows_(self.expert_v, v_RD, dim=0, optimizers=optimizers)
+        append_rows_(self.expert_u, u_RD, dim=0, optimizers=optimizers)
+        append_rows_(self.expert_v, v_RD, dim=0, optimizers=optimizers)
         self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(rows * n2)])
         if self.usage_counter is not None:
             self.usage_counter.grow_to(self.num_experts)
         if optimizer is not None:
-            growth.attach(self, optimizer)
+            attach(self, optimizer)
         return torch.arange(old_n, self.num_experts, device=self.expert_u.device)
 
     @torch.no_grad()
     def _probe_queries(self, inputs: torch.Tensor) -> torch.Tensor:
         """Queries [T, H, key_dim] of ``inputs`` with the query norm in eval mode (no side effects)."""
-        if not torch.is_tensor(inputs):
-            raise ValueError(f"inputs must be a tensor [..., dim], got {type(inputs).__name__}")
+        check_inputs(inputs)
         x_TD = self._flatten(inputs.to(self.expert_u.device, self.query.weight.dtype))
-        if x_TD.shape[0] == 0:
-            raise ValueError("inputs must hold at least one token")
+        check_tokens(x_TD)
         was_training = self.norm.training
         self.norm.eval()
         try:
@@ -341,6 +279,13 @@ class PEER(nn.Module):
         """The parameters whose dim-0 rows are experts (what freezing protects)."""
         return [self.expert_u, self.expert_v]
 
+    def row_sparse_tables(self) -> list[nn.Parameter]:
+        """The 2-D tables [N, dim] whose rows are retrieved per token, so that one step touches few of
+        them: expert_u and expert_v. experts.optim.rowwise_groups puts the tables of every module with
+        this method in RowAdamW's row-wise groups (docs/optim.md); MoE, whose few experts each see
+        many tokens, has no such method and stays dense."""
+        return [self.expert_u, self.expert_v]
+
     def has_frozen(self) -> bool:
         """Whether any expert is frozen (cached on the buffer's version: no sync per forward)."""
         return growth.cached_stat(self.frozen, "any")
@@ -351,7 +296,7 @@ class PEER(nn.Module):
         saved = state_dict.get(prefix + "expert_u")
         if torch.is_tensor(saved) and saved.dim() == 2 and saved.shape[0] > self.expert_u.shape[0]:
             for name in ("expert_u", "expert_v", "frozen"):
-                growth.resize_rows_(self, name, saved.shape[0])
+                resize_rows_(self, name, saved.shape[0])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- FFN interface shared with DenseFFN / MoE --------------------------------------------

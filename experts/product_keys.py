@@ -1,21 +1,10 @@
 """Product keys: sub-key codebooks and exact top-k retrieval over their Cartesian product.
 
-Lample et al. 2019 ("Large Memory Layers with Product Keys"), as used by PEER (He 2024,
-"Mixture of A Million Experts", arXiv 2407.04153, section 2, product key retrieval):
-
-    the N = n1 * n2 keys are all concatenations [c_i, c'_j] of a sub-key c_i from codebook C
-    (n1 sub-keys) and c'_j from codebook C' (n2 sub-keys). A query q = [q1, q2] scores key (i, j)
-    as  q . [c_i, c'_j] = q1 . c_i + q2 . c'_j,  so the top-k keys are found by
-        I_C  = top-k_i (q1 . c_i),      I_C' = top-k_j (q2 . c'_j)        (k of n1, k of n2)
-        top-k over the k*k sums  q1 . c_i + q2 . c'_j,  (i, j) in I_C x I_C'.
-    This is exact: if (i, j) is among the top-k sums then i is in I_C (otherwise k rows i' beat i,
-    and every (i', j) beats (i, j)), and likewise j is in I_C'.
-
-Expert ids are flat: id = i * n2 + j (row i of the first codebook, column j of the second).
-Appending a row to the first codebook appends ids n1*n2 .. n1*n2 + n2 - 1, so ids stay stable and
-append-only under row growth (DESIGN.md section 5). The first codebook also carries an additive
-per-sub-key score ``offset1`` so that new rows enter dormant (-inf, then a negative margin annealed
-to 0, see experts/growth.py) without winning any top-k slot at the moment they are added.
+Lample et al. 2019 ("Large Memory Layers with Product Keys"), as used by PEER (He 2024, arXiv
+2407.04153, section 2): key (i, j) = [c_i, c'_j] scores q1 . c_i + q2 . c'_j, so the exact top-k
+is the top-k of the k*k sums of each half's top-k (proof: docs/peer.md, 'Product-key
+retrieval'). Expert ids are flat, id = i * n2 + j, and append-only under row growth; the first
+codebook's additive ``offset1`` lets new rows enter dormant (docs/growth.md, 'Warm-in').
 
 Shape suffixes (torchtitan style): T tokens (any leading dims), H heads, K top_k, N experts,
 D key dimension.
@@ -28,8 +17,9 @@ import math
 import torch
 from torch import nn
 
-from .dense import check_int
-from .growth import advance_warmup_, append_rows_, cached_stat, resize_rows_, warmup_offsets
+from .checks import check_int, check_key_dim
+from .growth import advance_warmup_, cached_stat, warmup_offsets
+from .surgery import append_rows_, resize_rows_
 
 
 def check_top_k(top_k: int, n1: int, n2: int) -> None:
@@ -78,17 +68,12 @@ def split_ids(ids: torch.Tensor, n2: int):
 class ProductKeys(nn.Module):
     """Per-head sub-key codebooks: keys1 [H, n1, D/2], keys2 [H, n2, D/2], offset1 buffer [H, n1].
 
-    Growth state, one entry per first-codebook row (buffers, so checkpoints carry it):
-    warmup_left / warmup_total [n1] (optimizer steps of warm-in to go / in all; 0 = live),
-    warmup_margin [H, n1] (the row's starting handicap after step 0) and generation [n1]
-    (0 = original rows, g = added by the g-th growth). append_rows() grows the codebook,
-    advance_warmup() anneals offset1 of the warming rows (schedule: experts/growth.py).
-
     Every head has its own two codebooks over the one shared expert pool (PEER section 2,
-    multi-head retrieval). Sub-keys are initialised N(0, 1/(D/2)): with unit-variance query
-    features (what the query norm produces) each half-score then has unit variance, so the top-k
-    scores are O(1) and the softmax over them is smooth at init; the top-k selection itself does
-    not depend on this scale.
+    multi-head retrieval); sub-keys start N(0, 1/(D/2)) (docs/peer.md, 'Initialisation').
+    Growth state per first-codebook row, in buffers so checkpoints carry it: warmup_left /
+    warmup_total [n1] (warm-in steps to go / in all; 0 = live), warmup_margin [H, n1] (handicap
+    after step 0), generation [n1] (0 = original, g = added by the g-th growth). append_rows()
+    grows the codebook, advance_warmup() anneals offset1 (docs/growth.md, 'Warm-in').
     """
 
     def __init__(self, heads: int, n1: int, n2: int, key_dim: int):
@@ -96,9 +81,7 @@ class ProductKeys(nn.Module):
         check_int("heads", heads)
         check_int("n1", n1)
         check_int("n2", n2)
-        check_int("key_dim", key_dim, minimum=2)
-        if key_dim % 2:
-            raise ValueError(f"key_dim must be even (the query is split into two halves), got {key_dim}")
+        check_key_dim(key_dim)
         self.heads, self.key_dim = heads, key_dim
         half = key_dim // 2
         self.keys1 = nn.Parameter(torch.empty(heads, n1, half))
@@ -142,7 +125,7 @@ class ProductKeys(nn.Module):
         """Append R sub-keys [H, R, D/2] to every head's first codebook as one new generation.
 
         The new rows' offset starts at -inf (0 if warmup_steps == 0) with ``margin_H`` [H] as their
-        handicap after the first step; the optimizers' keys1 state is extended (growth.append_rows_).
+        handicap after the first step; the optimizers' keys1 state is extended (surgery.append_rows_).
         """
         check_int("warmup_steps", warmup_steps, minimum=0)
         H, R = keys_HRd.shape[:2]

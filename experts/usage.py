@@ -1,18 +1,12 @@
-"""Expert usage statistics, as in the PEER paper's Table 2 (He 2024, expert usage and unevenness):
+"""Expert usage statistics, as in the PEER paper's Table 2 (He 2024, expert usage and unevenness).
 
-    accumulate the router weights each expert receives over an evaluation set, normalise the
-    totals to a distribution z over the N experts;
-        usage       = fraction of experts with z_i > 0
-        unevenness  = KL(z || uniform) = log N + sum_i z_i log z_i        (0 log 0 = 0)
-
-plus the overlap (Jaccard index) of the expert sets that two domains use.
-
-Recording during evaluation: PEER and MoE layers have a ``usage_counter`` attribute (None by
-default). ``track_usage(layer)`` attaches a fresh counter of the right size; from then on every
-forward the layer runs *in eval mode* adds its routing weights (PEER: softmax/sigmoid weights per
-head; MoE: the gates of its top-k experts) to it. Training forwards are never recorded. Detach
-with ``layer.usage_counter = None``. Counters are plain objects, not modules, so attaching one
-never changes the layer's state_dict.
+Accumulate the router weights each expert receives over an evaluation set and normalise the totals
+to a distribution z over the N experts: usage = fraction of experts with z_i > 0, unevenness =
+KL(z || uniform) = log N + sum_i z_i log z_i (0 log 0 = 0); plus the Jaccard overlap of the
+expert sets two domains use. ``track_usage(layer)`` attaches a fresh counter to a PEER or MoE
+layer's ``usage_counter`` (None by default): every forward *in eval mode* then adds its routing
+weights (PEER: per head; MoE: the top-k gates); training forwards are never recorded. Detach with
+``layer.usage_counter = None``; counters are plain objects, never part of a state_dict.
 """
 
 from __future__ import annotations
@@ -22,7 +16,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .dense import check_int
+from .checks import check_int
 
 
 def usage_fraction(counts_N: torch.Tensor) -> float:

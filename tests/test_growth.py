@@ -1,7 +1,7 @@
-"""Online growth of PEER and MoE expert pools (DESIGN.md section 5): function preservation,
-warm-in, optimizer-state surgery, freezing, checkpoints."""
+"""experts.growth and the layers' grow(): function preservation, warm-in, placement of new keys
+(docs/growth.md), checkpoints of grown layers. Surgery and freezing: test_surgery.py, test_freezing.py.
+The helpers tiny_peer, teacher, train and tiny_moe are shared with those modules."""
 
-import copy
 import io
 import math
 
@@ -13,32 +13,9 @@ import experts
 from experts import PEER, MoE, UsageCounter
 from experts.growth import kmeans
 from experts.peer import QUERY_NORMS, SCORES
-from helpers import randomize_peer_
+from helpers import randomize_peer_, teacher, tiny_moe, tiny_peer, train  # noqa: F401
 
-TOL = 1e-6  # DESIGN.md section 5: outputs before and after growth, float32
-
-
-def tiny_peer(grid=(4, 4), heads=2, top_k=2, key_dim=4, dim=8, seed=0, **kw):
-    """A float32 PEER with randomised norm affine, BN running stats and score offsets."""
-    torch.manual_seed(seed)
-    layer = PEER(dim=dim, num_experts=grid, heads=heads, top_k=top_k, key_dim=key_dim, **kw)
-    return randomize_peer_(layer)
-
-
-def teacher(dim, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    w1, w2 = torch.randn(dim, 4 * dim, generator=g), torch.randn(4 * dim, dim, generator=g)
-    return lambda x: torch.tanh(x @ w1 / math.sqrt(dim)) @ w2 / math.sqrt(4 * dim)
-
-
-def train(layer, optimizer, steps, x, target):
-    layer.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = F.mse_loss(layer(x), target) + layer.aux_loss()
-        loss.backward()
-        optimizer.step()
-    return float(loss.detach())
+TOL = 1e-6  # outputs before and after growth, float32 (docs/growth.md, 'Function preservation')
 
 
 def new_ids_routed(layer, x, old_n):
@@ -163,7 +140,7 @@ def test_warmup_zero_is_live_at_once(warmup_steps):
         assert new_ids_routed(layer, x, 16) == 0
 
 
-# ---- the issue's acceptance test ------------------------------------------------------------------
+# ---- acceptance: grow a trained layer, then the new experts take tokens -----------------------------
 def test_acceptance_grow_64_with_adamw_then_new_experts_take_tokens():
     torch.manual_seed(0)
     layer = PEER(dim=16, num_experts=(8, 8), heads=2, top_k=4, key_dim=8)
@@ -222,89 +199,6 @@ def test_new_experts_learn_with_sgd_momentum_and_kmeans_keys():
     assert new_ids_routed(layer, x_new, old_n) > 0
     changed = (layer.expert_u[old_n:] != rows_before).any(-1)
     assert changed.sum() >= 6  # new experts received gradients
-
-
-# ---- optimizer surgery ------------------------------------------------------------------------------
-@pytest.mark.parametrize("make_opt,keys", [
-    (lambda groups: torch.optim.AdamW(groups, lr=1e-2, amsgrad=True), ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
-    (lambda groups: torch.optim.Adam(groups, lr=1e-2), ("exp_avg", "exp_avg_sq")),
-    (lambda groups: torch.optim.SGD(groups, lr=1e-2, momentum=0.9), ("momentum_buffer",)),
-])
-def test_surgery_with_parameter_groups(make_opt, keys):
-    layer = tiny_peer()
-    groups = [{"params": [layer.codebooks.keys1, layer.codebooks.keys2, layer.query.weight], "weight_decay": 0.1},
-              {"params": [layer.expert_u, layer.expert_v], "weight_decay": 0.0}]
-    opt = make_opt(groups)
-    x = torch.randn(20, layer.dim)
-    for _ in range(3):
-        opt.zero_grad(set_to_none=False)
-        layer(x).pow(2).mean().backward()
-        opt.step()
-    before = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
-              for g in groups for p in g["params"]}
-    layer.grow(6, optimizer=opt, warmup_steps=2)  # 2 rows, a pending .grad included
-    assert layer.expert_u.grad.shape == layer.expert_u.shape and layer.expert_u.grad[16:].abs().sum() == 0
-    for p, dim, old in ((layer.codebooks.keys1, 1, 4), (layer.expert_u, 0, 16), (layer.expert_v, 0, 16)):
-        state = opt.state[p]
-        for key in keys:
-            assert state[key].shape == p.shape
-            assert torch.equal(state[key].narrow(dim, 0, old), before[id(p)][key])
-            new_part = state[key].narrow(dim, old, p.shape[dim] - old)
-            assert new_part.numel() > 0 and torch.equal(new_part, torch.zeros_like(new_part))
-        if "step" in state:
-            assert torch.equal(state["step"], before[id(p)]["step"])
-    for p in (layer.codebooks.keys2, layer.query.weight):
-        assert all(torch.equal(opt.state[p][k], before[id(p)][k]) for k in keys)
-    assert opt.param_groups[1]["params"][0] is layer.expert_u
-    opt.zero_grad()
-    layer(x).pow(2).mean().backward()
-    opt.step()  # shapes agree: the step runs
-    assert all(torch.isfinite(p).all() for p in layer.parameters())
-
-
-def test_surgery_refuses_state_of_another_shape_before_changing_anything():
-    layer = tiny_peer()
-    opt = torch.optim.AdamW(layer.parameters())
-    opt.state[layer.expert_v]["factored"] = torch.zeros(16)
-    with pytest.raises(ValueError, match="cannot grow"):
-        layer.grow(4, optimizer=opt)
-    assert layer.num_experts == 16 and layer.codebooks.keys1.shape[1] == 4 and layer.expert_u.shape[0] == 16
-
-
-def test_hooks_are_attached_once_and_used_for_later_growth():
-    layer = tiny_peer()
-    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
-    x = torch.randn(10, layer.dim)
-    layer.grow(4, optimizer=opt, warmup_steps=3)
-    layer.grow(4, optimizer=opt, warmup_steps=3)
-    assert experts.attach(layer, opt) == [layer]
-    assert len(opt._optimizer_step_post_hooks) == 1 and len(opt._optimizer_step_pre_hooks) == 1
-    assert experts.attached_optimizers(layer) == [opt] and experts.attached_layers(opt) == [layer]
-    train(layer, opt, 1, x, x)
-    ids = layer.grow(4, warmup_steps=3)  # no optimizer passed: the attached one still gets its surgery
-    assert opt.state[layer.expert_u]["exp_avg"].shape == layer.expert_u.shape
-    train(layer, opt, 1, x, x)
-    assert layer.codebooks.warmup_left.tolist()[4:] == [1, 1, 2] and ids.numel() == 4
-    experts.detach(layer, opt)
-    assert len(opt._optimizer_step_post_hooks) == 0 and experts.attached_optimizers(layer) == []
-    assert experts.attached_layers(opt) == []
-    train(layer, opt, 1, x, x)
-    assert layer.codebooks.warmup_left.tolist()[4:] == [1, 1, 2]  # no hook, no warm-in
-    layer.advance_warmup()
-    assert layer.codebooks.warmup_left.tolist()[4:] == [0, 0, 1]
-
-
-def test_attach_covers_every_layer_of_a_model():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(PEER(8, (4, 4), heads=1, top_k=2, key_dim=4), torch.nn.Linear(8, 8),
-                                MoE(8, num_experts=3, hidden=8))
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    model[0].grow(4, warmup_steps=2)
-    model[2].grow(2, warmup_steps=2)
-    assert experts.attach(model, opt) == [model[0], model[2]]
-    model(torch.randn(5, 8)).sum().backward()
-    opt.step()
-    assert model[0].codebooks.warmup_left[4] == 1 and model[2].warmup_left.tolist() == [0, 0, 0, 1, 1]
 
 
 # ---- new sub-key initialisations --------------------------------------------------------------------
@@ -380,27 +274,12 @@ def test_bad_grow_arguments_refused(kwargs, match):
     assert layer.num_experts == 16
 
 
-def test_bad_freeze_and_attach_arguments_refused():
+def test_bad_warmup_and_kmeans_arguments_refused():
     layer = tiny_peer()
-    with pytest.raises(ValueError, match=r"ids must lie in \[0, 16\)"):
-        experts.freeze(layer, [3, 16])
-    with pytest.raises(ValueError, match=r"ids must lie"):
-        experts.freeze(layer, -1)
-    with pytest.raises(ValueError, match="integers"):
-        experts.freeze(layer, torch.tensor([1.0]))
-    with pytest.raises(ValueError, match="PEER or MoE"):
-        experts.freeze(torch.nn.Linear(2, 2), [0])
-    with pytest.raises(ValueError, match="has grown"):
-        experts.freeze_existing(layer)
-    with pytest.raises(ValueError, match="fraction_or_n"):
-        experts.freeze_top_used(layer, torch.ones(16), 1.5)
-    with pytest.raises(ValueError, match="no PEER or MoE"):
-        experts.attach(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))
     with pytest.raises(ValueError, match="steps"):
         layer.advance_warmup(0)
     with pytest.raises(ValueError, match="k=5"):
         kmeans(torch.randn(4, 2), 5)
-    assert not layer.frozen.any()
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
@@ -467,81 +346,7 @@ def test_ten_growths_in_a_row_are_stable():
     assert new_ids_routed(layer, x, 16) > 0
 
 
-# ---- freezing ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make_opt", [
-    lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
-    lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, weight_decay=0.1),
-])
-def test_frozen_experts_stay_bit_identical(make_opt):
-    layer = tiny_peer(query_norm="layernorm")
-    opt = make_opt(layer.parameters())
-    x = torch.randn(64, layer.dim)
-    target = teacher(layer.dim)(x)
-    train(layer, opt, 3, x, target)  # moments exist before freezing
-    ids = experts.freeze(layer, [0, 5, 6, 15], optimizer=opt)
-    snapshot = {name: p.detach().clone() for name, p in layer.named_parameters()}
-    moments = {k: v.clone() for p in (layer.expert_u, layer.expert_v) for k, v in opt.state[p].items()}
-    train(layer, opt, 20, x, target)
-    for name in ("expert_u", "expert_v"):
-        p = getattr(layer, name)
-        assert torch.equal(p[ids], snapshot[name][ids])
-        others = torch.ones(16, dtype=torch.bool)
-        others[ids] = False
-        assert (p[others] != snapshot[name][others]).any(-1).all()  # every unfrozen expert moved
-        assert p.grad[ids].abs().sum() == 0
-    for key in moments:
-        if key != "step":
-            assert torch.equal(opt.state[layer.expert_v][key][ids], moments[key][ids])
-    experts.unfreeze(layer)
-    assert experts.frozen_ids(layer).numel() == 0
-    train(layer, opt, 1, x, target)
-    assert not torch.equal(layer.expert_u[ids], snapshot["expert_u"][ids])
-
-
-def test_freezing_without_the_guard_only_zeroes_gradients():
-    """Why the guard exists: AdamW moves rows with zero gradient (momentum, weight decay)."""
-    layer = tiny_peer()
-    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
-    x = torch.randn(32, layer.dim)
-    train(layer, opt, 3, x, x)
-    with pytest.warns(UserWarning, match="experts.attach"):
-        experts.freeze(layer, [0, 1, 2])
-    before = layer.expert_u[:3].detach().clone()
-    train(layer, opt, 2, x, x)
-    assert layer.expert_u.grad[:3].abs().sum() == 0 and not torch.equal(layer.expert_u[:3], before)
-
-
-def test_state_created_by_the_first_step_stays_zero_for_frozen_rows():
-    layer = tiny_peer()
-    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
-    experts.freeze(layer, [3], optimizer=opt)
-    before = layer.expert_v[3].detach().clone()
-    train(layer, opt, 2, torch.randn(16, layer.dim), torch.randn(16, layer.dim))
-    assert torch.equal(layer.expert_v[3], before)
-    state = opt.state[layer.expert_v]
-    assert state["exp_avg"][3].abs().sum() == 0 and state["exp_avg_sq"][3].abs().sum() == 0
-
-
-@pytest.mark.filterwarnings("ignore:frozen experts get zero gradient")
-def test_freeze_policies():
-    layer = tiny_peer(grid=(3, 4))
-    layer.grow(4)
-    assert torch.equal(experts.freeze_existing(layer), torch.arange(12))
-    assert torch.equal(experts.frozen_ids(layer), torch.arange(12))
-    experts.unfreeze(layer, [0, 1])
-    assert experts.frozen_ids(layer).tolist() == list(range(2, 12))
-    experts.unfreeze(layer)
-    counts = torch.zeros(2, 16)
-    counts[0, 3], counts[1, 9], counts[0, 14] = 5.0, 2.0, 1.0
-    assert experts.freeze_top_used(layer, counts, 2).tolist() == [3, 9]
-    experts.unfreeze(layer)
-    assert sorted(experts.freeze_top_used(layer, counts, 0.5).tolist()) == [3, 9, 14]  # zero usage never frozen
-    counter = UsageCounter(12, heads=2)  # smaller than the pool: padded
-    counter.counts[1, 7] = 1.0
-    experts.unfreeze(layer)
-    assert experts.freeze_top_used(layer, counter, 1).tolist() == [7]
-
-
+# ---- usage counters ---------------------------------------------------------------------------------------
 def test_usage_counter_grows_along():
     layer = tiny_peer()
     counter = experts.track_usage(layer)
@@ -557,12 +362,7 @@ def test_usage_counter_grows_along():
 
 
 # ---- coarse MoE ------------------------------------------------------------------------------------------
-def tiny_moe(seed=0, **kw):
-    torch.manual_seed(seed)
-    layer = MoE(**(dict(dim=6, num_experts=4, hidden=5, top_k=2) | kw))
-    with torch.no_grad():
-        layer.router.weight.normal_(0.0, 1.0)
-    return layer
+
 
 
 @pytest.mark.parametrize("train_mode", [False, True])
@@ -606,24 +406,6 @@ def test_moe_warmup_surgery_and_new_experts_take_tokens():
     assert (index >= 4).any()
 
 
-def test_moe_frozen_experts_stay_bit_identical():
-    layer = tiny_moe()
-    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
-    x = torch.randn(64, 6)
-    target = teacher(6)(x)
-    train(layer, opt, 2, x, target)
-    layer.grow(2, optimizer=opt, warmup_steps=2)
-    frozen = experts.freeze_existing(layer)
-    assert frozen.tolist() == [0, 1, 2, 3]
-    tables = {name: getattr(layer, name).detach().clone() for name in ("w1", "w2", "b1", "b2")}
-    router = layer.router.weight.detach().clone()
-    train(layer, opt, 10, x, target)
-    for name, before in tables.items():
-        assert torch.equal(getattr(layer, name)[:4], before[:4]), name
-        assert not torch.equal(getattr(layer, name)[4:], before[4:]), name
-    assert not torch.equal(layer.router.weight, router)  # routing keeps learning
-
-
 @pytest.mark.filterwarnings("ignore:frozen experts get zero gradient")
 def test_moe_checkpoint_of_a_grown_layer_loads_into_a_fresh_one():
     layer = tiny_moe()
@@ -637,20 +419,3 @@ def test_moe_checkpoint_of_a_grown_layer_loads_into_a_fresh_one():
     assert torch.equal(fresh.eval()(x), layer.eval()(x))
 
 
-def test_frozen_flag_follows_direct_edits_copies_and_pickling():
-    layer = tiny_peer()
-    x = torch.randn(16, layer.dim)
-    layer(x).sum().backward()
-    assert not layer.has_frozen()
-    with torch.no_grad():
-        layer.frozen[:] = True  # edited in place, not through experts.freeze: still seen
-    layer.expert_u.grad = None
-    layer(x).sum().backward()
-    assert layer.has_frozen() and layer.expert_u.grad.abs().sum() == 0
-    twin = copy.deepcopy(layer)
-    experts.unfreeze(twin)
-    assert layer.has_frozen() and not twin.has_frozen()
-    buffer = io.BytesIO()
-    torch.save(layer, buffer)  # a whole-module pickle holds no cache object
-    buffer.seek(0)
-    assert torch.load(buffer, weights_only=False).has_frozen()

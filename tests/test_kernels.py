@@ -1,4 +1,4 @@
-"""PEER compute paths (experts/kernels, issue 9) against the plain torch reference: the fused
+"""PEER compute paths (experts/kernels, docs/kernels.md) against the plain torch reference: the fused
 embedding-bag CPU path, and the Triton kernels run on the CPU by Triton's interpreter.
 
 The interpreter is chosen when a @triton.jit function is decorated, and triton's own standard
@@ -394,7 +394,7 @@ def build(kernel, signature, meta):
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=meta),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
-d, n, k, M, D = 128, 1024, 16, 128, 512  # issue 9's GPU sizes: key_dim 256, 1024^2 experts, top-16, dim 512
+d, n, k, M, D = 128, 1024, 16, 128, 512  # the GPU target: key_dim 256, 1024^2 experts, top-16, dim 512
 for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
     t = "*" + name
     for has_offset in ((True, False) if name == "bf16" else (True,)):
@@ -518,7 +518,7 @@ def test_device_check_script_through_the_interpreter():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; see benchmarks/gpu.sh)")
 def test_compiled_kernels_on_cuda_match_the_reference():
-    """Issue 9's sizes, half the tokens: compiled kernels, fp32 and bf16, on the GPU."""
+    """The GPU target sizes, half the tokens: compiled kernels, fp32 and bf16, on the GPU."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     _device_check("cuda", (4096, 512, 1024, 8, 16, 256), interpret=False)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import experts
-from experts.optim import RowAdamW, build_expert_optimizer, flush_pending_decay, rowwise_groups, touched_rows
+from experts.optim import (RowAdamW, build_expert_optimizer, flush_pending_decay, row_sparse_tables, rowwise_groups,
+                           touched_rows)
 
 LR, WD, BETAS, EPS = 1e-2, 0.1, (0.9, 0.95), 1e-8
 
@@ -347,6 +348,33 @@ def test_rowwise_groups_moves_only_the_expert_tables():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     default = rowwise_groups(model)
     assert [g.get("name") for g in default] == [None, "expert_tables"]
+
+
+def test_row_sparse_tables_come_from_the_layers_interface():
+    """PEER's tables are found through its row_sparse_tables(), any module's too (duck typing);
+    MoE has no such method, so its tables stay in dense AdamW groups."""
+
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rows = nn.Parameter(torch.randn(5, 3))
+
+        def row_sparse_tables(self):
+            return [self.rows]
+
+    peer, moe, table = peer_layer(), experts.MoE(16, num_experts=4, hidden=8), Table()
+    model = nn.Sequential(peer, moe, table)
+    assert not hasattr(moe, "row_sparse_tables")
+    found = row_sparse_tables(model)
+    assert len(found) == 3 and all(a is b for a, b in zip(found, [peer.expert_u, peer.expert_v, table.rows]))
+    opt = build_expert_optimizer(model, lr=LR, weight_decay=WD)
+    dense, rowwise = opt.param_groups
+    assert not dense["rowwise"] and rowwise["rowwise"] and len(rowwise["params"]) == 3
+    assert all(any(p is q for q in dense["params"]) for p in moe.parameters())
+    model[0](torch.randn(6, 16)).pow(2).mean().backward()
+    model[1](torch.randn(6, 16)).pow(2).mean().backward()
+    opt.step()
+    assert "rows" in opt.state[peer.expert_u] and "rows" not in opt.state[moe.w1]
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -1,21 +1,10 @@
-"""Compute paths for PEER's two hot spots (issue 9): product-key retrieval and expert mixing.
+"""Compute paths for PEER's two hot spots: product-key retrieval and expert mixing.
 
-    kernel       retrieval (scores, two top-k stages)        expert mixing (gather, act, mix)
-    "reference"  einsum + torch.topk (reference.py)          two F.embedding gathers + einsum
-    "bag"        as reference                                fused embedding-bag ops (bag.py):
-                                                             no [T, M, D] tensors; the fast CPU
-                                                             path, runs on any device
-    "triton"     fused score + top-k kernels                 gather-dot / gather-sum kernels,
-                 (triton_kernels.py)                         per-expert-row backward
-    "auto"       "triton" for float32/bfloat16/float16 CUDA tensors when triton imports,
-                 else "bag"
-
-Every path computes the same function (tests/test_kernels.py checks them against reference.py);
-they differ in speed and, for "triton", in the documented tie order of the top-k and fp32
-summation order. The environment variable EXPERTS_KERNEL (one of the names above) overrides
-"auto", e.g. EXPERTS_KERNEL=reference to time or debug a whole run on the plain path.
-"triton" on CPU tensors runs the kernels in Triton's interpreter and needs TRITON_INTERPRET=1
-set before triton is first imported (tests only: it is very slow).
+"reference" (plain torch, reference.py), "bag" (fused embedding-bag mixing, bag.py: the fast CPU
+path, runs on any device), "triton" (fused kernels, triton_kernels.py, imported lazily) and "auto"
+("triton" for float32 / bfloat16 / float16 CUDA tensors when triton imports, else "bag"). All
+compute the same function; EXPERTS_KERNEL overrides "auto". Design, tie order and numerics:
+docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -25,6 +14,7 @@ import os
 
 import torch
 
+from ..checks import check_choice
 from . import bag, reference
 
 KERNELS = ("auto", "reference", "bag", "triton")
@@ -48,8 +38,8 @@ def _triton():
 
 
 def check_kernel(kernel) -> None:
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel={kernel!r} is not valid; choose one of {', '.join(map(repr, KERNELS))}")
+    """Raise ValueError unless ``kernel`` is one of KERNELS."""
+    check_choice("kernel", kernel, KERNELS)
 
 
 def resolve(kernel: str, x: torch.Tensor, table: torch.Tensor) -> str:
@@ -58,8 +48,7 @@ def resolve(kernel: str, x: torch.Tensor, table: torch.Tensor) -> str:
     if kernel == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
         if env:
-            if env not in KERNELS:
-                raise ValueError(f"{ENV_VAR}={env!r} is not valid; choose one of {', '.join(map(repr, KERNELS))}")
+            check_choice(ENV_VAR, env, KERNELS)
             kernel = env
     if kernel == "auto":
         if x.is_cuda and table.dtype in _TRITON_DTYPES and triton_available():

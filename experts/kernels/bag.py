@@ -1,29 +1,10 @@
 """Expert mixing with fused embedding-bag operators: the fast CPU path (runs on any device).
 
-PEER's expert part, y_t = sum_m w_tm act(u_{e_tm} . x_t) v_{e_tm} (He 2024, section 2, eq. (1) with
-singleton-MLP experts), is four sparse-times-dense products with T*M nonzeros, where S_c is the
-[T, N] matrix with S_c[t, e_tm] += c_tm (duplicate ids within a token add up, as they should):
-
-    forward   h  = gather-dot(U, x)          h_tm  = u_{e_tm} . x_t     (sampled  X U^T)
-              y  = S_a V                     a_tm  = w_tm act(h_tm)
-    backward  g  = gather-dot(V, dy)         g_tm  = v_{e_tm} . dy_t    (dL/da)
-              dx = S_dh U                    dh_tm = g_tm w_tm act'(h_tm)
-              dU = S_dh^T X,  dV = S_a^T dY  (per expert row, from the slots that used it)
-
-torch's embedding-bag kernels do exactly these, row by row, without ever writing the gathered
-[T, M, D] tensors that F.embedding + einsum materialise (2 x 268 MB at T=2048, M=128, D=256):
-    F.embedding_bag(mode="sum", per_sample_weights=c)      S_c @ table        (fbgemm on CPU)
-    aten._embedding_bag_per_sample_weights_backward        gather-dot         (one dot per slot)
-    aten._embedding_bag_dense_backward                     S_c^T @ rows: sorts the slots by
-                                                           expert id and accumulates each
-                                                           expert's row once (bucketed backward)
-The last two are private aten operators (stable since torch 1.x; the pinned torch is 2.14); the
-tests compare this path against the reference in float64 and with gradcheck.
-
-Only ids, weights, x and h [T, M] are saved for backward (and references to the tables). Computation is in float32 for
-bf16/fp16 tables (the CPU operators would accumulate the gradient rows in bf16, ~1% error: the
-tables are upcast per call, a copy of N x D each) and in the tables' dtype otherwise; the output
-has promote_types(x, table) dtype, gradients their inputs' dtypes.
+y_t = sum_m w_tm act(u_{e_tm} . x_t) v_{e_tm} (He 2024, section 2, eq. (1) with singleton-MLP
+experts) and its backward as four sparse-times-dense products, done by torch's embedding-bag
+kernels row by row without the gathered [T, M, D] tensors; two are private aten operators.
+bf16 / fp16 tables are computed in float32. Derivation and numerics: docs/kernels.md, 'The bag
+path'.
 """
 
 from __future__ import annotations
@@ -81,7 +62,7 @@ def act_backward(grad: torch.Tensor, h: torch.Tensor, activation: str) -> torch.
 
 
 class BagMix(torch.autograd.Function):
-    """y = sum_m w act(u . x) v over the retrieved experts; see the module docstring."""
+    """y = sum_m w act(u . x) v over the retrieved experts; see docs/kernels.md, 'The bag path'."""
 
     @staticmethod
     def forward(ctx, x_TD, w_TM, ids_TM, u_ND, v_ND, frozen_N, activation):

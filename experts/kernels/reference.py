@@ -1,15 +1,9 @@
-"""The plain torch PEER implementation every kernel is checked and timed against (issue 9).
+"""The plain torch PEER implementation every kernel is checked and timed against.
 
-Exactly what the issue calls "the plain torch implementation": einsum sub-key scores, torch.topk
-on each half and then on the k*k candidates (product_keys.product_topk), two F.embedding gathers
-of the retrieved experts' u and v, and einsum mixing. It materialises the gathered [T, M, D]
-tensors (M = heads * top_k slots per token) and, in backward, F.embedding's dense [N, D]
-gradients; that memory traffic is what the fused paths (bag.py, triton.py) avoid.
-
-PEER (He 2024, arXiv 2407.04153, section 2) in these terms, per token x and head h:
-    s1_i = q1 . c_i + offset1_i,  s2_j = q2 . c'_j                       sub-key scores
-    I    = top-k over (i, j) of s1_i + s2_j, via top-k of each half, then of the k*k sums
-    f(x) = sum_h sum_{e in I_h} g_e(x) act(u_e . x) v_e                   eq. (1) with e_i(x) of PEER
+einsum sub-key scores, torch.topk on each half and then on the k*k candidates
+(product_keys.product_topk), two F.embedding gathers of the retrieved experts' u and v, and einsum
+mixing: PEER's equations as written (docs/kernels.md, 'The reference path'). It materialises the
+gathered [T, M, D] tensors and, in backward, dense [N, D] gradients.
 
 Shape suffixes: T tokens, H heads, K top_k, M = H*K slots, N experts, D dim, d = key_dim / 2.
 """

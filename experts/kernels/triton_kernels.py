@@ -1,51 +1,9 @@
-"""Triton kernels for PEER (issue 9): fused sub-key scoring + top-k, candidate top-k, a fused
-gather-dot / weighted gather-sum expert forward, and a backward that aggregates each expert row's
-gradient from the slots that used it. Imported lazily (experts.kernels): `import experts` works
-without triton. On the CPU they run only under the Triton interpreter (TRITON_INTERPRET=1 set
-before this module is imported), which is how the tests check them against reference.py.
-
-PEER (He 2024, arXiv 2407.04153, section 2), per token and head:
-    s1_i = q1 . c_i + offset1_i,  s2_j = q2 . c'_j                      (product-key half scores)
-    I    = top-k of s1_i + s2_j over all (i, j)  = top-k of the k*k sums of the halves' top-k
-    y    = sum_{e in I} g_e act(u_e . x) v_e                             (eq. (1), singleton experts)
-
-Kernels: the scoring kernel computes one head's scores for 16 tokens x 128 sub-keys at a time
-(tl.dot, fp32 accumulation), adds offset1 and merges the tile's top-k into a running top-k held in
-registers, so scores never reach global memory; the candidate kernel forms the k*k sums of one
-(token, head) row in registers and takes their top-k. Selection packs (score, index) into one int64
-and runs tl.topk (a bitonic sort) on the packed keys.
-
-Top-k order (what the kernels guarantee; torch.topk leaves ties unspecified): every top-k here
-returns the first k entries of the candidates sorted by (score descending, index ascending), with
-index = sub-key index in each half and flat expert id i * n2 + j in the final stage; -0.0 and +0.0
-tie. This is still exact over all n1*n2 keys with ties: if (i, j) is among the first k in that
-order, fewer than k rows i' precede i in (s1 desc, i asc) order (each would give a pair (i', j)
-that precedes (i, j)), so i is in the first half's top-k, and likewise j. Entries of -inf (dormant
-rows after growth) are ordinary values: they lose to every finite score and tie among themselves
-by index. NaN scores are not supported.
-
-Numerics: every dot product and sum accumulates in fp32 whatever the storage dtype (fp32, bf16,
-fp16; float64 is not supported here: experts.kernels falls back to the bag path). fp32 scores use
-tl.dot in IEEE precision (no TF32), so routes match the fp32 reference up to summation order.
-
-Backward:
-  retrieval  plain torch: score(i, j) = s1_i + s2_j, so each chosen expert's score gradient is
-             scatter-added to its row i and column j of dense [T, H, n] half-score gradients, which
-             two einsums per half turn into query and sub-key gradients (tensor-core matmuls,
-             cheaper than gathering k sub-keys per token).
-  experts    one program per token computes g = v . dy, dw, dh and dx = sum dh u (gather-dot and
-             gather-sum again); then the T*M slots are sorted by expert id and one program per
-             (expert, column block) sums its rows dU_e = sum dh x_t, dV_e = sum a dy_t in fp32 and
-             writes them once: no atomics (deterministic), no [T, M, D] tensor, and the only
-             [N, D] tensors are the parameter gradients themselves. Frozen experts' rows stay zero.
-
-Interpreter caveat: the Triton interpreter's tl.dot multiplies the raw bits of bfloat16 operands
-(triton-lang/triton#11584, "not supported yet"), so under TRITON_INTERPRET=1 the scoring kernel
-upcasts bf16 tiles to fp32 before tl.dot (constexpr UPCAST); on a GPU it runs the bf16 dot.
-
-Limits: an expert used by many slots is summed by one program (a very hot expert serialises); a
-query half (key_dim/2) is loaded whole (fine up to a few hundred), dim and the codebooks are tiled;
-block sizes and warps are untuned: these kernels have only run in the interpreter, never on a GPU.
+"""Triton kernels for PEER: fused sub-key scoring + top-k, candidate top-k, a fused gather-dot /
+weighted gather-sum expert forward, and a backward that sums each expert row's gradient from the
+slots that used it (no atomics, no [T, M, D] tensor). Imported lazily (experts.kernels), so
+`import experts` works without triton; on the CPU they run only under the Triton interpreter
+(TRITON_INTERPRET=1 set before import). Design, tie order, numerics, interpreter caveat and
+limits: docs/kernels.md, 'The Triton path'.
 
 Shape suffixes: T tokens, H heads, K top_k, M = H*K slots, N experts, D dim, d = key_dim / 2.
 """
@@ -64,10 +22,7 @@ _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 # ---- top-k selection helpers ---------------------------------------------------------------------
-# A (score, index) pair is packed into one int64 whose signed order is (score, then smaller index):
-# high 32 bits = the fp32 score's bits made order-preserving as int32 (negative floats flip their
-# 31 low bits), low 32 bits = 2^32 - 1 - index. tl.topk (a bitonic sort) of packed keys is then an
-# exact top-k with ties broken by index, and unpacking recovers both score and index.
+# (score, index) pairs packed into int64s ordered by (score, then smaller index): docs/kernels.md
 _EMPTY = tl.constexpr(-(2**63))  # below every packed key, -inf scores included: padding
 
 
@@ -273,15 +228,13 @@ def _pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
-# Launch parameters (constexprs and num_warps) live in *_meta functions so that the ahead-of-time
-# compile check in tests/test_kernels.py compiles exactly what the launchers launch.
+# launch parameters live in *_meta functions: the compile check in tests compiles what is launched
 def subkey_meta(d: int, n: int, k: int, dtype: torch.dtype, has_offset: bool) -> dict:
     use_dot = d >= 16  # tl.dot needs every block dim >= 16; tiny test shapes use a broadcast sum
     upcast = use_dot and dtype == torch.bfloat16 and triton.knobs.runtime.interpret
     block_k = _pow2(k)
     ieee = dtype == torch.float32 or upcast
-    # fp32 IEEE tiles take ~4x the shared memory and registers of bf16 ones: half as many sub-keys
-    # per tile keeps the fp32 kernel from spilling (ptxas -v, sm_90)
+    # fp32 IEEE tiles take ~4x bf16's registers: half the sub-keys per tile avoid spills (ptxas -v, sm_90)
     block_n = 64 if ieee and use_dot else 128
     return dict(K=k, HAS_OFFSET=has_offset, USE_DOT=use_dot, IEEE=ieee, UPCAST=upcast,
                 BLOCK_T=16 if use_dot else 4, BLOCK_N=max(block_k, min(block_n, _pow2(n)), 16 if use_dot else 1),
@@ -293,8 +246,7 @@ def candidate_meta(k: int) -> dict:
 
 
 def mix_meta(M: int, D: int, activation: str) -> dict:
-    # [BLOCK_M, BLOCK_D] tiles of gathered rows, each element with a 64-bit address: 128 x 32 over
-    # 8 warps compiles to 128 registers without spills for sm_90 (ptxas -v)
+    # 128 x 32 tiles of 64-bit addressed rows over 8 warps: 128 registers, no spills (ptxas -v, sm_90)
     return dict(GELU=activation == "gelu", BLOCK_M=_pow2(M), BLOCK_D=min(32, _pow2(D)), num_warps=8)
 
 
@@ -336,8 +288,8 @@ def candidate_topk(v1_THK, i1_THK, v2_THK, i2_THK, n1: int, n2: int):
 
 
 class TritonRetrieve(torch.autograd.Function):
-    """(scores [T, H, K], flat ids [T, H, K]) of each head's exact top-K product keys; see the module
-    docstring for the tie order and the backward."""
+    """(scores [T, H, K], flat ids [T, H, K]) of each head's exact top-K product keys; see docs/kernels.md for
+    the tie order and the backward."""
 
     @staticmethod
     def forward(ctx, q_THD, keys1_Hnd, keys2_Hnd, offset1_Hn, k):
@@ -357,8 +309,7 @@ class TritonRetrieve(torch.autograd.Function):
         d = q_THD.shape[-1] // 2
         with torch.autocast(q_THD.device.type, enabled=False):
             g_THK = g_THK.float()
-            # score(i, j) = s1[i] + s2[j]: each sub-key score collects the gradient of the chosen
-            # experts in its row / column; scattered straight into dense [T, H, n] score gradients
+            # score(i, j) = s1[i] + s2[j]: a sub-key's gradient sums its row's / column's chosen experts
             grads = []
             for sub_THK, keys_Hnd, q_THd in ((torch.div(ids, ctx.n2, rounding_mode="floor"), keys1, q_THD[..., :d]),
                                              (ids % ctx.n2, keys2, q_THD[..., d:])):
@@ -370,7 +321,7 @@ class TritonRetrieve(torch.autograd.Function):
 
 
 class TritonMix(torch.autograd.Function):
-    """y = sum_m w act(u . x) v over the retrieved experts; see the module docstring."""
+    """y = sum_m w act(u . x) v over the retrieved experts; see docs/kernels.md."""
 
     @staticmethod
     def forward(ctx, x_TD, w_TM, ids_TM, u_ND, v_ND, frozen_N, activation):
@@ -419,7 +370,7 @@ class TritonMix(torch.autograd.Function):
 
 
 def retrieve(q_THD, keys1_Hnd, keys2_Hnd, offset1_Hn, k: int):
-    """Same contract as reference.retrieve (see the module docstring for the tie order)."""
+    """Same contract as reference.retrieve (tie order: docs/kernels.md)."""
     if q_THD.shape[0] == 0:  # no tokens: nothing to launch
         return reference.retrieve(q_THD, keys1_Hnd, keys2_Hnd, offset1_Hn, k)
     return TritonRetrieve.apply(q_THD, keys1_Hnd, keys2_Hnd, offset1_Hn, k)
