@@ -1,21 +1,10 @@
 """Documents -> fixed-length (input, target) token blocks, with a document-level
 train/test split and an on-disk cache.
 
-Packing: the documents of a split are tokenised in visiting order and joined
-with :data:`SEPARATOR` (``"\\n\\n"``, encoded by the tokenizer: real text, so
-its bytes count towards bits per byte like any other). The joined stream is cut
-into non-overlapping chunks of ``T + 1`` tokens with stride ``T``: block ``i``
-is ``input = s[iT : iT+T]``, ``target = s[iT+1 : iT+T+1]``. A split is stored as
-the one flat stream of ``k*T + 1`` tokens its ``k`` blocks need; the ragged
-tail is dropped.
-
-Split: a document goes to test iff ``hash_unit("split", doc_id) <
-test_fraction``. The hash ignores the seed, so every seed evaluates on the same
-documents; the seed only changes the order documents are visited in, hence
-which ones fill the budgets. If that leaves a split without a single block (a
-domain made of one file, or very few documents), the domain falls back to a
-*positional* split: the text read is joined and its last ``test_fraction`` (at
-least one block) becomes test. ``info["split"]`` says which rule was used.
+A split's documents are tokenised in visiting order, joined with
+:data:`SEPARATOR` and cut into blocks of ``T`` inputs and ``T`` targets (stride
+``T``); a document goes to test by a hash of its id, independent of the seed.
+Packing, the positional fallback split and the cache key: see docs/streams.md.
 """
 
 from __future__ import annotations
@@ -37,7 +26,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import StreamError
-from .sources import DomainSpec, Source, hash_unit, make_source
+from .sources import Source, hash_unit, make_source
+from .spec import DomainSpec
 from .tokenizer import Tokenizer
 
 #: Bump when packing, splitting or the cache format changes: old entries are then ignored.

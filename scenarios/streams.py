@@ -1,18 +1,22 @@
-"""Domain streams -> Avalanche benchmarks (one experience per text domain, in order)."""
+"""Domain streams: the named streams, :func:`build_stream` (plain PyTorch datasets, no
+Avalanche) and :func:`build_benchmark` (the same stream as an Avalanche benchmark, one
+experience per text domain, in order)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 from .blocks import BlockDataset, DomainBlocks, build_domain_blocks
 from .errors import StreamError
-from .sources import DomainSpec, seeded_order
+from .sources import seeded_order
+from .spec import BUILTIN_DOMAINS, DomainSpec
 from .tokenizer import Tokenizer, get_tokenizer
 
-_BUILTIN = [DomainSpec(name, builtin=name) for name in ("python", "cpp", "prose", "legal")]
+_BUILTIN = [DomainSpec(name, builtin=name) for name in BUILTIN_DOMAINS]
 
-#: Tokens per domain (train + test, split by ``test_fraction``) that the hub presets
+#: Tokens per domain (train + test, split by ``test_fraction``) that the hub streams
 #: stream: 5 M tokens = about 5 MB of text with the byte tokenizer.
 HUB_DOMAIN_TOKENS = 5_000_000
 
@@ -26,11 +30,11 @@ def _hub(name: str, hf: str, **kw: Any) -> DomainSpec:
 
 
 #: Named streams. ``builtin`` and ``smoke`` are the same four offline domains (their
-#: budgets come from :func:`build_benchmark`'s arguments; ``smoke`` is meant to be run
-#: with tiny ones). The ``hub-*`` presets stream public Hugging Face datasets that need
+#: budgets come from :func:`build_stream`'s arguments; ``smoke`` is meant to be run
+#: with tiny ones). The ``hub-*`` streams read public Hugging Face datasets that need
 #: no loading script; they need the network (and ``zstandard`` for the Pile), and each
-#: domain stops reading after ``max_tokens``. See :data:`PRESET_NOTES`.
-PRESETS: dict[str, list[DomainSpec]] = {
+#: domain stops reading after ``max_tokens``. See :data:`STREAM_NOTES`.
+STREAMS: dict[str, list[DomainSpec]] = {
     "builtin": list(_BUILTIN),
     "smoke": list(_BUILTIN),
     "hub-wiki-code-science": [
@@ -46,9 +50,9 @@ PRESETS: dict[str, list[DomainSpec]] = {
     ],
 }
 
-#: Size and licence of every preset's data (one line each); the hub presets are
-#: documented in more detail in examples/STREAMS.md.
-PRESET_NOTES: dict[str, str] = {
+#: Size and licence of every named stream's data (one line each); the hub streams
+#: are documented in more detail in examples/STREAMS.md.
+STREAM_NOTES: dict[str, str] = {
     "builtin": "offline: text already on this machine (stdlib sources and docstrings, torch C++ headers, "
                "Python docs, licence files); each file keeps its own licence (PSF, BSD, MIT, ...).",
     "smoke": "same four offline domains as builtin, meant for tiny budgets.",
@@ -67,20 +71,20 @@ PRESET_NOTES: dict[str, str] = {
                 "Needs the zstandard package. 5 M tokens per domain.",
 }
 
-#: Presets whose domains read the Hugging Face Hub.
-HUB_PRESETS = tuple(name for name, domains in PRESETS.items() if any(d.hf for d in domains))
+#: Named streams whose domains read the Hugging Face Hub.
+HUB_STREAMS = tuple(name for name, domains in STREAMS.items() if any(d.hf for d in domains))
 
 ORDERS = ("given", "shuffle")
 
 
 def resolve_domains(spec: Union[str, Sequence[Union[DomainSpec, dict]]]) -> list[DomainSpec]:
-    """A preset name or a list of DomainSpec/dicts -> validated DomainSpecs."""
+    """A stream name (see :data:`STREAMS`) or a list of DomainSpec/dicts -> validated DomainSpecs."""
     if isinstance(spec, str):
-        if spec not in PRESETS:
-            raise StreamError(f"unknown stream preset '{spec}' (valid: {', '.join(PRESETS)})")
-        return [DomainSpec.coerce(s.to_dict()) for s in PRESETS[spec]]
+        if spec not in STREAMS:
+            raise StreamError(f"unknown stream '{spec}' (valid: {', '.join(STREAMS)})")
+        return [DomainSpec.coerce(s.to_dict()) for s in STREAMS[spec]]
     if isinstance(spec, (DomainSpec, dict)) or not isinstance(spec, Sequence):
-        raise StreamError(f"a stream is a preset name or a list of domains, got {type(spec).__name__}")
+        raise StreamError(f"a stream is a stream name or a list of domains, got {type(spec).__name__}")
     domains = [DomainSpec.coerce(s) for s in spec]
     if not domains:
         raise StreamError("the stream has no domains")
@@ -98,20 +102,32 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def _avalanche_dataset(blocks: BlockDataset):
-    from avalanche.benchmarks.utils import AvalancheDataset, DataAttribute
-    from avalanche.benchmarks.utils.flat_data import ConstantSequence
+@dataclass
+class Stream:
+    """A built stream as plain PyTorch datasets (no Avalanche): per domain, in stream
+    order, its name, spec, train/test :class:`BlockDataset` (``blocks[i].train``,
+    ``blocks[i].test``) and ``domain_info`` record."""
 
-    # Items stay (input_ids, target_ids): the task label is a data attribute that is
-    # *not* appended to items, so task-balanced loaders work while the experience
-    # has no `task_labels`, and Avalanche calls model(x) rather than model(x, t).
-    return AvalancheDataset(
-        [blocks],
-        data_attributes=[DataAttribute(ConstantSequence(0, len(blocks)), "targets_task_labels")],
-    )
+    domains: list[str]
+    domain_specs: list[DomainSpec]
+    blocks: list[DomainBlocks]
+    domain_info: list[dict]
+    vocab_size: int
+    block_len: int
+    tokenizer: Tokenizer
+    experiences_per_domain: int = 1
+
+    def train_parts(self) -> list[tuple[int, int, BlockDataset]]:
+        """``(domain_index, part, blocks)`` of every train experience, in order: each
+        domain's train blocks cut into ``experiences_per_domain`` consecutive parts."""
+        out = []
+        for i, b in enumerate(self.blocks):
+            n, k = b.train.num_blocks, self.experiences_per_domain
+            out += [(i, part, b.train.slice(n * part // k, n * (part + 1) // k)) for part in range(k)]
+        return out
 
 
-def build_benchmark(
+def build_stream(
     spec: Union[str, Sequence[Union[DomainSpec, dict]]],
     block_len: int = 128,
     train_tokens: int = 200_000,
@@ -123,11 +139,11 @@ def build_benchmark(
     cache_dir: Union[str, os.PathLike, None] = None,
     experiences_per_domain: int = 1,
     progress: bool = True,
-):
-    """Build an Avalanche benchmark with one train and one test experience per domain.
+) -> Stream:
+    """Build the train and test blocks of every domain of a stream, without Avalanche.
 
     Args:
-        spec: a preset name (see :data:`PRESETS`) or a list of DomainSpec / dicts.
+        spec: a stream name (see :data:`STREAMS`) or a list of DomainSpec / dicts.
         block_len: tokens per block ``T``; items are ``(input_ids[T], target_ids[T])`` int64.
         train_tokens, test_tokens: per-domain budgets of target tokens (upper bounds;
             a smaller domain gives fewer). A domain's ``max_tokens`` replaces both.
@@ -136,16 +152,10 @@ def build_benchmark(
         order: ``"given"`` or ``"shuffle"``.
         tokenizer: ``"byte"`` or a local Hugging Face tokenizer name/path.
         cache_dir: folder of cached token blocks (one file per domain); None = no cache.
-        experiences_per_domain: split each domain's train blocks into this many
-            consecutive train experiences (online setting); the test stream keeps one
-            experience per domain.
+        experiences_per_domain: how many consecutive train experiences each domain's
+            train blocks make (online setting; see :meth:`Stream.train_parts`); the test
+            stream keeps one experience per domain.
         progress: show tqdm bars while tokenising (only on a terminal).
-
-    Returns:
-        The Avalanche ``CLScenario`` with ``train_stream`` and ``test_stream``, plus
-        ``domains`` (names in stream order), ``vocab_size``, ``domain_info`` (one dict
-        per domain), ``block_len``, ``tokenizer`` and ``domain_specs``. Every
-        experience carries ``domain`` (its domain's name) and ``domain_index``.
 
     Raises:
         StreamError: any bad input, with a one-line message naming it.
@@ -181,36 +191,64 @@ def build_benchmark(
         )
         for d in domains
     ]
-
-    train_sets, train_meta = [], []
-    for i, (d, b) in enumerate(zip(domains, built)):
+    for d, b in zip(domains, built):
         if b.train.num_blocks < experiences_per_domain:
             raise StreamError(
                 f"domain '{d.name}': {b.train.num_blocks} train blocks cannot make "
                 f"{experiences_per_domain} experiences"
             )
-        n = b.train.num_blocks
-        for part in range(experiences_per_domain):
-            lo, hi = n * part // experiences_per_domain, n * (part + 1) // experiences_per_domain
-            train_sets.append(_avalanche_dataset(b.train.slice(lo, hi)))
-            train_meta.append((d.name, i, part))
+    return Stream(
+        domains=[d.name for d in domains], domain_specs=domains, blocks=built, domain_info=[b.info for b in built],
+        vocab_size=tok.vocab_size, block_len=block_len, tokenizer=tok, experiences_per_domain=experiences_per_domain,
+    )
 
+
+def _avalanche_dataset(blocks: BlockDataset):
+    from avalanche.benchmarks.utils import AvalancheDataset, DataAttribute
+    from avalanche.benchmarks.utils.flat_data import ConstantSequence
+
+    # Items stay (input_ids, target_ids): the task label is a data attribute that is
+    # *not* appended to items, so task-balanced loaders work while the experience
+    # has no `task_labels`, and Avalanche calls model(x) rather than model(x, t).
+    return AvalancheDataset(
+        [blocks],
+        data_attributes=[DataAttribute(ConstantSequence(0, len(blocks)), "targets_task_labels")],
+    )
+
+
+def build_benchmark(spec: Union[str, Sequence[Union[DomainSpec, dict]]], **stream_args: Any):
+    """Build an Avalanche benchmark with one train and one test experience per domain:
+    :func:`build_stream` (same arguments), wrapped.
+
+    Returns:
+        The Avalanche ``CLScenario`` with ``train_stream`` and ``test_stream``, plus
+        ``domains`` (names in stream order), ``vocab_size``, ``domain_info`` (one dict
+        per domain), ``block_len``, ``tokenizer`` and ``domain_specs``. Every
+        experience carries ``domain`` (its domain's name), ``domain_index`` and
+        ``domain_part`` (its part of the domain's train blocks; 0 for test).
+
+    Raises:
+        StreamError: any bad input, with a one-line message naming it.
+    """
+    stream = build_stream(spec, **stream_args)
     from avalanche.benchmarks import benchmark_from_datasets
 
+    parts = stream.train_parts()
     bench = benchmark_from_datasets(
-        train=train_sets, test=[_avalanche_dataset(b.test) for b in built]
+        train=[_avalanche_dataset(blocks) for _, _, blocks in parts],
+        test=[_avalanche_dataset(b.test) for b in stream.blocks],
     )
     # Plain attributes (not Avalanche ExperienceAttributes) are never masked, and the
     # shallow copies Avalanche makes in train()/eval()/logging() keep them.
-    for exp, (name, index, part) in zip(bench.train_stream, train_meta):
-        exp.domain, exp.domain_index, exp.domain_part = name, index, part
-    for index, (exp, d) in enumerate(zip(bench.test_stream, domains)):
-        exp.domain, exp.domain_index, exp.domain_part = d.name, index, 0
+    for exp, (index, part, _) in zip(bench.train_stream, parts):
+        exp.domain, exp.domain_index, exp.domain_part = stream.domains[index], index, part
+    for index, exp in enumerate(bench.test_stream):
+        exp.domain, exp.domain_index, exp.domain_part = stream.domains[index], index, 0
 
-    bench.domains = [d.name for d in domains]
-    bench.domain_specs = domains
-    bench.domain_info = [b.info for b in built]
-    bench.vocab_size = tok.vocab_size
-    bench.block_len = block_len
-    bench.tokenizer = tok
+    bench.domains = list(stream.domains)
+    bench.domain_specs = stream.domain_specs
+    bench.domain_info = stream.domain_info
+    bench.vocab_size = stream.vocab_size
+    bench.block_len = stream.block_len
+    bench.tokenizer = stream.tokenizer
     return bench

@@ -7,7 +7,8 @@ import torch
 
 from scenarios import SEPARATOR, STATS, ByteTokenizer, DomainSpec, StreamError
 from scenarios import blocks as B
-from scenarios import sources as S
+from scenarios import make_source
+from scenarios.sources import hub, local
 from scenarios.blocks import BlockDataset, build_domain_blocks, is_test_doc
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -79,7 +80,7 @@ def test_blocks_tile_the_stream_without_overlap(corpus):
 def test_documents_are_joined_with_separator_in_visiting_order(corpus):
     folder, texts = corpus
     out = build(folder)
-    src = S.make_source(DomainSpec("w", path=str(folder)))
+    src = make_source(DomainSpec("w", path=str(folder)))
     order = [d.doc_id for d in src.documents(0)]
     train_ids = [i for i in order if not is_test_doc(i, 0.2)]
     test_ids = [i for i in order if is_test_doc(i, 0.2)]
@@ -125,8 +126,8 @@ def test_small_budget_samples_by_seed_and_respects_budget(corpus):
 def test_documents_of_a_full_split_are_not_read(corpus, monkeypatch):
     folder, _ = corpus
     reads = []
-    real = S.LocalSource._read_txt
-    monkeypatch.setattr(S.LocalSource, "_read_txt", lambda self, rel: reads.append(rel) or real(self, rel))
+    real = local.LocalSource._read_txt
+    monkeypatch.setattr(local.LocalSource, "_read_txt", lambda self, rel: reads.append(rel) or real(self, rel))
     out = build(folder, train_tokens=100_000, test_tokens=32)  # all train docs, one test doc
     # Every file read ends up in a block: test documents met after the test split
     # was full were skipped unread.
@@ -230,7 +231,7 @@ def test_cache_hit_does_not_read_the_source(corpus, tmp_path, monkeypatch):
     def boom(self, seed):
         raise AssertionError("source read despite a cache hit")
 
-    monkeypatch.setattr(S.LocalSource, "documents", boom)
+    monkeypatch.setattr(local.LocalSource, "documents", boom)
     before = STATS["documents_tokenized"]
     second = build(folder, cache_dir=cache)
     assert STATS["documents_tokenized"] == before
@@ -330,7 +331,7 @@ def test_hub_stream_stops_once_budgets_are_full(monkeypatch):
             consumed.append(i)
             yield {"text": f"row {i}: " + "lorem ipsum dolor sit amet " * 4}
 
-    monkeypatch.setattr(S, "_load_hf", endless_hub)
+    monkeypatch.setattr(hub, "_load_hf", endless_hub)
     out = build_domain_blocks(DomainSpec("hub", hf="org/huge"), ByteTokenizer(), block_len=32, train_tokens=2048,
                               test_tokens=512, test_fraction=0.1, seed=0, progress=False)
     assert len(out.train) == 64 and len(out.test) == 16

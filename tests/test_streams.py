@@ -2,6 +2,8 @@ import ast
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from scenarios import PRESETS, DomainSpec, StreamError, build_benchmark
+from scenarios import STREAMS, DomainSpec, Stream, StreamError, build_benchmark, build_stream
 
 SMALL = dict(block_len=32, train_tokens=2048, test_tokens=512, progress=False)
 INFO_KEYS = {"name", "source", "content_hash", "train_docs", "test_docs", "train_tokens", "test_tokens",
@@ -33,11 +35,11 @@ def local_domains(root: Path, names=("a", "b", "c", "d")):
     return specs
 
 
-def test_offline_presets_are_the_four_builtin_domains():
-    assert {"builtin", "smoke"} <= set(PRESETS)
+def test_offline_streams_are_the_four_builtin_domains():
+    assert {"builtin", "smoke"} <= set(STREAMS)
     for name in ("builtin", "smoke"):
-        assert [d.name for d in PRESETS[name]] == ["python", "cpp", "prose", "legal"]
-        assert all(d.builtin == d.name for d in PRESETS[name])
+        assert [d.name for d in STREAMS[name]] == ["python", "cpp", "prose", "legal"]
+        assert all(d.builtin == d.name for d in STREAMS[name])
 
 
 def test_builtin_stream_structure(smoke):
@@ -195,10 +197,10 @@ def test_cached_rebuild(tmp_path):
     assert torch.equal(first.test_stream[1].dataset[3][1], second.test_stream[1].dataset[3][1])
 
 
-def test_unknown_preset():
-    valid = ", ".join(PRESETS)
+def test_unknown_stream():
+    valid = ", ".join(STREAMS)
     assert valid.startswith("builtin, smoke, hub-")
-    with pytest.raises(StreamError, match=rf"^unknown stream preset 'foo' \(valid: {re.escape(valid)}\)$"):
+    with pytest.raises(StreamError, match=rf"^unknown stream 'foo' \(valid: {re.escape(valid)}\)$"):
         build_benchmark("foo")
 
 
@@ -226,9 +228,10 @@ def test_bad_stream_specs(tmp_path):
         build_benchmark(specs + specs, **SMALL)
     with pytest.raises(StreamError, match="no domains"):
         build_benchmark([], **SMALL)
-    with pytest.raises(StreamError, match="preset name or a list"):
+    with pytest.raises(StreamError, match="stream name or a list"):
         build_benchmark(specs[0], **SMALL)
-    with pytest.raises(StreamError, match=r"domain 'a': unknown key\(s\) fitler"):
+    unknown = r"^unknown key domain 'a'\.fitler \(valid keys of domain 'a': name, builtin, "
+    with pytest.raises(StreamError, match=unknown):
         build_benchmark([dict(specs[0], fitler={"x": 1})], **SMALL)
     with pytest.raises(StreamError, match="domain 'wiki': path .* does not exist"):
         build_benchmark([{"name": "wiki", "path": str(tmp_path / "missing")}], **SMALL)
@@ -238,7 +241,9 @@ def test_bad_stream_specs(tmp_path):
 
 def test_scenarios_does_not_import_experts_or_lifelong():
     pkg = Path(__file__).resolve().parents[1] / "scenarios"
-    for py in pkg.glob("*.py"):
+    files = sorted(pkg.rglob("*.py"))
+    assert {"spec.py", "streams.py", "base.py", "local.py", "hub.py", "builtin.py"} <= {p.name for p in files}
+    for py in files:
         for node in ast.walk(ast.parse(py.read_text())):
             names = []
             if isinstance(node, ast.Import):
@@ -246,6 +251,53 @@ def test_scenarios_does_not_import_experts_or_lifelong():
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""]
             assert not any(n.split(".")[0] in {"experts", "lifelong"} for n in names), py
+
+
+def blocks_of(ds):
+    return [ds[i] for i in range(len(ds))]
+
+
+def test_build_stream_blocks_are_the_benchmark_items(tmp_path):
+    specs = local_domains(tmp_path, ("a", "b"))
+    stream = build_stream(specs, experiences_per_domain=2, seed=1, **SMALL)
+    bench = build_benchmark(specs, experiences_per_domain=2, seed=1, **SMALL)
+    assert isinstance(stream, Stream) and stream.domains == bench.domains == ["a", "b"]
+    assert stream.domain_specs == bench.domain_specs and stream.domain_info == bench.domain_info
+    assert (stream.vocab_size, stream.block_len, stream.tokenizer.identity) == (256, 32, bench.tokenizer.identity)
+    parts = stream.train_parts()
+    assert [(i, part) for i, part, _ in parts] == [(e.domain_index, e.domain_part) for e in bench.train_stream]
+    for (_, _, blocks), exp in zip(parts, bench.train_stream):
+        assert len(blocks) == len(exp.dataset)
+        assert all(torch.equal(x, ex) and torch.equal(y, ey)
+                   for (x, y), (ex, ey) in zip(blocks_of(blocks), blocks_of(exp.dataset)))
+    for i, exp in enumerate(bench.test_stream):
+        whole = stream.blocks[i]
+        assert sum(len(b) for j, _, b in parts if j == i) == len(whole.train)
+        assert len(whole.test) == len(exp.dataset)
+        assert all(torch.equal(x, ex) and torch.equal(y, ey)
+                   for (x, y), (ex, ey) in zip(blocks_of(whole.test), blocks_of(exp.dataset)))
+
+
+def test_build_stream_does_not_need_avalanche(tmp_path):
+    specs = local_domains(tmp_path, ("a", "b"))
+    code = (
+        "import json, sys\n"
+        "sys.modules['avalanche'] = None  # any import of avalanche now fails\n"
+        "import scenarios\n"
+        f"args = ({specs!r},)\n"
+        "kw = dict(block_len=32, train_tokens=2048, test_tokens=512, progress=False)\n"
+        "s = scenarios.build_stream(*args, **kw)\n"
+        "print(json.dumps([s.domains, [len(b.train) for b in s.blocks], [len(b.test) for b in s.blocks]]))\n"
+        "try:\n"
+        "    scenarios.build_benchmark(*args, **kw)\n"
+        "except ImportError:\n"
+        "    print('no avalanche')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert json.loads(lines[0]) == [["a", "b"], [64, 64], [16, 16]] and lines[1] == "no avalanche"
 
 
 def make_three_folders(root: Path) -> None:
