@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --device cuda --steps 20
     python benchmarks/train_step.py --device cuda --set model.peer.num_experts=1048576 --json train.json
 
-Each preset's model is built exactly as a run builds it (``lifelong.config.resolve`` and
+Each preset's model is built exactly as a run builds it (``lifelong.presets.resolve`` and
 ``lifelong.model.LanguageModel``, vocabulary of the preset's tokenizer, context = block_len) and
 trained on random token blocks of the preset's ``stream.block_len`` x ``train.batch_size``: one
 step = forward (under the run's autocast: bf16 on CUDA with precision auto) + next-token loss
@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 import experts  # noqa: E402
 from benchmarks.common import load_average, machine, status_kib, write_json  # noqa: E402
-from lifelong.config import resolve  # noqa: E402
+from lifelong.presets import resolve  # noqa: E402
 from lifelong.model import LanguageModel  # noqa: E402
 from lifelong.training import LMCriterion, autocast_dtype, build_optimizer  # noqa: E402
 from scenarios import get_tokenizer  # noqa: E402

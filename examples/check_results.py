@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Check that a run's results.json is self-consistent, recomputing every summary from
-its loss matrix with the formulas of DESIGN.md section 7 (independently of lifelong/).
+its loss matrix with the formulas of the README's "Metric definitions" (independently of lifelong/).
 
     python examples/check_results.py runs/three-folders/results.json
 

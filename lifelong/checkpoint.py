@@ -1,26 +1,23 @@
-"""Crash-safe checkpoints of a run: written whole or not at all, loaded without unpickling code.
+"""Crash-safe checkpoints of a run, and the layout of the run state they hold (`RunState`).
 
-Layout under `RUN_DIR/checkpoints/`:
-
-    ckpt-000003/
+    RUN_DIR/checkpoints/ckpt-000003/
         model.safetensors   weights and buffers (safetensors: no code can hide in it)
-        state.pt            everything else, as tensors, numbers, strings, lists and dicts,
-                            loaded with torch.load(weights_only=True)
+        state.pt            the RunState as plain data, loaded with torch.load(weights_only=True)
 
-A checkpoint is assembled in a hidden temporary folder, every file is fsync'ed,
-and the folder is renamed into place, which is atomic on POSIX: a process killed
-at any moment leaves either a complete `ckpt-*` folder or a `.tmp-*` leftover
-that is ignored and cleaned up. The previous checkpoint is deleted only after
-the new one is in place, so there is always a complete one to resume from.
+A checkpoint is assembled in a hidden temporary folder, fsync'ed and renamed into place (atomic
+on POSIX); the previous one is deleted only afterwards, so a process killed at any moment leaves
+a complete checkpoint to resume from (and at most a `.tmp-*` leftover, cleaned up later).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +26,67 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-CHECKPOINT_DIR = "checkpoints"
+from lifelong.errors import CheckpointError, ConfigError
+from lifelong.rundir import CHECKPOINT_DIR, CONFIG_FILE
+
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 FORMAT = "lifelong-experts/checkpoint/1"
 _NAME = re.compile(r"^ckpt-(\d{6,})$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, corrupted or not ours."""
+@dataclass
+class Progress:
+    """What a run has done so far; saved in every checkpoint."""
+
+    next_experience: int = 0
+    stages: list[str] = field(default_factory=list)
+    loss_rows: list[list[float]] = field(default_factory=list)
+    bpb_rows: list[list[float]] = field(default_factory=list)
+    num_experts: list[int] = field(default_factory=list)
+    expert_stats: list[dict] = field(default_factory=list)
+    experience_steps: list[int] = field(default_factory=list)  # optimizer steps taken in each experience
+    rollbacks: list[dict] = field(default_factory=list)  # restarts after a diverged loss (train.rollback)
+    lr_scale: float = 1.0  # product of the rollbacks' learning-rate factors
+    eval_seconds: float = 0.0
+    elapsed_seconds: float = 0.0
+
+    def as_state(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RunState:
+    """Everything a run checkpoint holds besides the weights (state.pt), in plain data.
+
+    `position` is None at a stage, or where the strategy stood inside an experience;
+    `metric_counters` the metric plugins' counters (stage, train step, usage stage, train window);
+    `metrics_csv_bytes` the size of metrics.csv (rows logged after it are dropped on resume);
+    `manual_growth_events` the growths of `lifelong grow` on a checkpoint.
+    """
+
+    config: dict
+    progress: dict
+    optimizer: dict
+    strategy: dict
+    rng: dict
+    metric_counters: dict
+    metrics_csv_bytes: int = 0
+    manual_growth_events: list = field(default_factory=list)
+    position: dict | None = None
+    optimizer_format: str = "plain"  # "fsdp": gathered from sharded parameters
+
+    _ORDER = ("config", "progress", "position", "optimizer", "optimizer_format", "strategy", "metric_counters",
+              "metrics_csv_bytes", "manual_growth_events", "rng")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self._ORDER}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> "RunState":
+        """The state `load_state` read (checkpoints of earlier versions lack some keys: defaults)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in state.items() if key in names})
 
 
 def _fsync_dir(path: Path) -> None:
@@ -93,6 +142,19 @@ def latest(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint folder of a run, or None."""
     found = _complete(Path(run_dir) / CHECKPOINT_DIR)
     return found[-1][1] if found else None
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """A checkpoint folder given either itself or the run directory holding it (its newest)."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    if (path / CONFIG_FILE).is_file():
+        newest = latest(path)
+        if newest is None:
+            raise ConfigError(f"{path} has no complete checkpoint")
+        return newest
+    raise ConfigError(f"{path} is neither a run directory nor a checkpoint folder")
 
 
 def save(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any], keep: int = 1,

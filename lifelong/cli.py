@@ -8,18 +8,17 @@ already written in a run directory is touched before the input is validated.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from lifelong.config import ConfigError, available_presets, resolve
+from lifelong import rundir
+from lifelong.presets import available_presets, resolve
+from lifelong.errors import CheckpointError, ConfigError, TrainingDiverged
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
-RUN_FILES = ("config.yaml", "results.json", "run_info.json", "seeds.json", "metrics.csv", "bpb_matrix.png", "tb",
-             "checkpoints", "snapshots")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,8 +74,8 @@ def _prepare_out_dir(out: str | None, preset: str, overwrite: bool) -> Path:
     path = Path(out) if out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} exists and is not a directory")
-    existing = [name for name in RUN_FILES if (path / name).exists()]
-    existing += sorted(p.name for p in path.glob("seed-*") if (p / "config.yaml").is_file())
+    existing = [name for name in rundir.RUN_FILES if (path / name).exists()]
+    existing += [p.name for p in rundir.seed_dirs(path)]
     if existing and not overwrite:
         raise ConfigError(f"--out {path} already holds a run ({', '.join(existing)}); "
                           "choose another directory or pass --overwrite")
@@ -109,7 +108,7 @@ def _say(*args, **kwargs) -> None:
 
 
 def cmd_run(args) -> int:
-    from lifelong import distributed, experiment, results
+    from lifelong import distributed, experiment, results, seeds
 
     progress = False if args.no_progress else None
     if args.resume:
@@ -119,39 +118,38 @@ def cmd_run(args) -> int:
         if given:
             raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
         out = Path(args.resume)
-        cfg = experiment.read_run_config(out)
+        cfg = rundir.read_run_config(out)
         distributed.init_from_env(cfg.train.device)
         _say(f"run directory: {out}")
-        seeds_file = out / experiment.SEEDS_FILE
-        if seeds_file.is_file():
-            seeds = json.loads(seeds_file.read_text())["seeds"]
-            res = experiment.run_seeds(cfg, seeds, out, progress=progress, resuming=True, echo=_say)
+        saved_seeds = seeds.read_seeds(out)
+        if saved_seeds is not None:
+            res = seeds.run_seeds(cfg, saved_seeds, out, progress=progress, resuming=True, echo=_say)
         else:
             res = experiment.resume(out, progress=progress, echo=_say)
     else:
         cfg = resolve(args.preset or "builtin", args.config, args.overrides)
-        seeds = _parse_seeds(args.seeds) if args.seeds else None
+        seed_list = _parse_seeds(args.seeds) if args.seeds else None
         distributed.init_from_env(cfg.train.device)
         out = _prepare_out_dir(args.out, args.preset or "builtin", args.overwrite)
         _say(f"run directory: {out}")
-        if seeds:
-            res = experiment.run_seeds(cfg, seeds, out, progress=progress, echo=_say)
+        if seed_list:
+            res = seeds.run_seeds(cfg, seed_list, out, progress=progress, echo=_say)
         else:
             res = experiment.run(cfg, out, progress=progress, echo=_say)
     _say()
     _say(results.format_table(res))
     info = res["run_info"]
     _say(f"\nwall time {info['wall_time_s']:.0f} s (evaluation {info['eval_time_s']:.0f} s); "
-         f"results in {out / results.RESULTS_FILE}")
+         f"results in {out / rundir.RESULTS_FILE}")
     return 0
 
 
 def cmd_grow(args) -> int:
-    from lifelong import experiment
+    from lifelong import growth
 
     if args.experts < 1 or args.warmup_steps < 0:
         raise ConfigError("--experts must be >= 1 and --warmup-steps >= 0")
-    new = experiment.grow_checkpoint(args.path, args.experts, args.warmup_steps, args.init, args.layer)
+    new = growth.grow_checkpoint(args.path, args.experts, args.warmup_steps, args.init, args.layer)
     print(f"wrote {new}; continue with: lifelong run --resume {new.parent.parent}")
     return 0
 
@@ -167,7 +165,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_flops(args) -> int:
-    from lifelong.experiment import build_model
+    from lifelong.build import build_model
     from scenarios import get_tokenizer
 
     cfg = resolve(args.preset or "builtin", args.config, args.overrides)
@@ -190,11 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from scenarios import StreamError
 
-    from lifelong import checkpoint
-    from lifelong.checkpoint import CheckpointError
-    from lifelong.plugins import TrainingDiverged
-
-    from lifelong import distributed
+    from lifelong import checkpoint, distributed
 
     try:
         handler = {"run": cmd_run, "grow": cmd_grow, "report": cmd_report, "flops": cmd_flops}[args.command]

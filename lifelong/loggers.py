@@ -1,14 +1,11 @@
-"""Where metric values go: a CSV file, TensorBoard (Avalanche's logger) and progress bars."""
+"""Where metric values go besides TensorBoard (Avalanche's own logger): a CSV file and Weights & Biases."""
 
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
-from avalanche.core import SupervisedPlugin
 from avalanche.logging import BaseLogger
-from tqdm.auto import tqdm
 
 
 class CSVMetricLogger(BaseLogger):
@@ -52,52 +49,6 @@ class CSVMetricLogger(BaseLogger):
             self._file.close()
 
 
-class ProgressPlugin(SupervisedPlugin):
-    """One progress bar per training experience (optimizer steps, running loss) and per evaluation."""
-
-    def __init__(self, domains: list[str], enabled: bool | None = None):
-        super().__init__()
-        self.domains = domains
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self._bar = None
-        self._loss = None
-
-    def _close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def before_training_epoch(self, strategy, **kwargs) -> None:
-        exp = strategy.experience
-        domain = self.domains[exp.current_experience]
-        self._bar = tqdm(total=len(strategy.dataloader), disable=not self.enabled, leave=False,
-                         desc=f"train {domain} (epoch {strategy.clock.train_exp_epochs + 1})",
-                         unit="step", dynamic_ncols=True)
-
-    def after_training_iteration(self, strategy, **kwargs) -> None:
-        if self._bar is None:
-            return
-        loss = float(strategy.loss.detach())
-        self._loss = loss if self._loss is None else 0.95 * self._loss + 0.05 * loss
-        self._bar.set_postfix(loss=f"{self._loss:.3f}", refresh=False)
-        self._bar.update()
-
-    def after_training_epoch(self, strategy, **kwargs) -> None:
-        self._close()
-
-    def before_eval_exp(self, strategy, **kwargs) -> None:
-        domain = self.domains[strategy.experience.current_experience]
-        self._bar = tqdm(total=len(strategy.dataloader), disable=not self.enabled, leave=False,
-                         desc=f"eval {domain}", unit="batch", dynamic_ncols=True)
-
-    def after_eval_iteration(self, strategy, **kwargs) -> None:
-        if self._bar is not None:
-            self._bar.update()
-
-    def after_eval_exp(self, strategy, **kwargs) -> None:
-        self._close()
-
-
 class WandBMetricLogger(BaseLogger):
     """Sends every scalar metric value to a Weights & Biases run.
 
@@ -135,7 +86,7 @@ def wandb_logger(project: str, run_dir: Path, config: dict) -> BaseLogger:
     """A Weights & Biases logger named after the run directory; a clear error without wandb."""
     import importlib.util
 
-    from lifelong.config import ConfigError
+    from lifelong.errors import ConfigError
 
     if importlib.util.find_spec("wandb") is None:
         raise ConfigError("log.wandb is true but the 'wandb' package is not installed (pip install wandb)")

@@ -1,15 +1,6 @@
-"""Language-model continual-learning metrics.
-
-Two halves:
-- pure functions over a stage x domain loss matrix (forgetting, BWT, FWT, ...),
-  the definitions of DESIGN.md section 7, written out in the README;
-- Avalanche plugin metrics that fill that matrix during evaluation
-  (token-weighted NLL and bits per byte per domain) and report training loss.
-
-Matrix convention: `L[s][j]` is the mean per-token loss (nats) on domain j's
-test split at stage s; stage 0 is before any training and stage i (1..T) is
-after training on the i-th domain. Domains are 0-based in code, so domain j is
-learned at stage j + 1. Lower is better everywhere.
+"""Avalanche plugin metrics of the LM harness: the token-weighted test loss of every domain (nats
+per token, bits per byte) that fills the stage x domain matrix, the training loss, and expert
+usage per domain. The matrix maths is in lifelong/transfer.py.
 """
 
 from __future__ import annotations
@@ -23,98 +14,9 @@ import torch.nn.functional as F
 from avalanche.evaluation.metric_definitions import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
 
-from lifelong import distributed
 from experts import jaccard_overlap, kl_to_uniform, track_usage, usage_fraction
-
-LN2 = math.log(2.0)
-
-
-# ---------------------------------------------------------------------------
-# Matrix metrics (section 7). Each takes L with T + 1 rows and T columns.
-
-
-def _as_matrix(matrix: Sequence[Sequence[float]]) -> np.ndarray:
-    L = np.asarray(matrix, dtype=np.float64)
-    if L.ndim != 2 or L.shape[0] != L.shape[1] + 1:
-        raise ValueError(f"expected a (T + 1) x T stage-by-domain matrix, got shape {L.shape}")
-    return L
-
-
-def forgetting(matrix) -> list[float]:
-    """forgetting_j = L[T][j] - min_{s in [j, T-1]} L[s][j] for the first T - 1 domains (1-based j).
-
-    Positive means the final model is worse on j than at its best since j was learned.
-    The last domain has no stage after its own, so it is left out.
-    """
-    L = _as_matrix(matrix)
-    T = L.shape[1]
-    return [float(L[T, j] - L[j + 1:T, j].min()) for j in range(T - 1)]
-
-
-def forgetting_first_last(matrix) -> list[float]:
-    """Avalanche's `first - last` forgetting with the sign flipped for losses: L[T][j] - L[j][j] (1-based)."""
-    L = _as_matrix(matrix)
-    T = L.shape[1]
-    return [float(L[T, j] - L[j + 1, j]) for j in range(T - 1)]
-
-
-def backward_transfer(matrix) -> float | None:
-    """BWT = mean_{j < T} (L[j][j] - L[T][j]); negative = forgetting. None for a single domain."""
-    L = _as_matrix(matrix)
-    T = L.shape[1]
-    if T < 2:
-        return None
-    return float(np.mean([L[j + 1, j] - L[T, j] for j in range(T - 1)]))
-
-
-def forward_transfer(matrix) -> float | None:
-    """FWT = mean_{j > 1} (L[0][j] - L[j-1][j]); positive = earlier domains helped before j was seen."""
-    L = _as_matrix(matrix)
-    T = L.shape[1]
-    if T < 2:
-        return None
-    # 0-based domain j is learned at stage j + 1, so stage j is "just before j".
-    return float(np.mean([L[0, j] - L[j, j] for j in range(1, T)]))
-
-
-def final_average(matrix) -> float:
-    """mean_j L[T][j]: how good the final model is on everything it saw."""
-    L = _as_matrix(matrix)
-    return float(L[-1].mean())
-
-
-def plasticity(matrix) -> float:
-    """mean_j L[j][j]: how well each domain was learned right after its own experience."""
-    L = _as_matrix(matrix)
-    return float(np.mean([L[j + 1, j] for j in range(L.shape[1])]))
-
-
-def summarize(matrix, domains: Sequence[str]) -> dict:
-    """Every section-7 figure of one matrix, keyed by name (forgetting keyed by domain).
-
-    A joint-training matrix has two rows (before training, after training on the
-    union of all domains); only the final average is defined for it.
-    """
-    if len(matrix) == 2 and len(domains) > 1:
-        return {"forgetting": {}, "forgetting_first_last": {}, "bwt": None, "fwt": None,
-                "final_average": float(np.mean(matrix[-1])), "plasticity": None}
-    return {
-        "forgetting": dict(zip(domains, forgetting(matrix))),
-        "forgetting_first_last": dict(zip(domains, forgetting_first_last(matrix))),
-        "bwt": backward_transfer(matrix),
-        "fwt": forward_transfer(matrix),
-        "final_average": final_average(matrix),
-        "plasticity": plasticity(matrix),
-    }
-
-
-def bits_per_byte(nats_per_token: float, bytes_per_token: float) -> float:
-    """bpb = total nats / (ln 2 * total bytes) = (nats / token) / (ln 2 * bytes / token)."""
-    return nats_per_token / (LN2 * bytes_per_token)
-
-
-# ---------------------------------------------------------------------------
-# Avalanche plugin metrics
+from lifelong import distributed
+from lifelong.transfer import bits_per_byte
 
 
 def _exp_suffix(strategy) -> str:

@@ -4,19 +4,130 @@ Pre-norm GPT (nanoGPT layout): token + learned position embeddings, causal
 self-attention, and per block one FFN built from the config: dense by default,
 PEER or MoE in the blocks named by `model.ffn_layers` (the paper puts one PEER
 layer in place of the middle block's FFN). The LM head is tied to the token
-embedding. Everything about training lives elsewhere; this file is architecture.
+embedding. The model's settings (`model.*` of a run config) are defined here, next
+to what they build; everything about training lives elsewhere.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from experts import PEER, DenseFFN, MoE
-from lifelong.config import ModelConfig
+from lifelong.errors import ConfigError, check_positive
+
+Activation = Literal["gelu", "relu"]
+
+
+@dataclass
+class DenseConfig:
+    """Dense feed-forward block: dim -> hidden_mult * dim -> dim."""
+
+    hidden_mult: int = 4
+    activation: Activation = "gelu"
+
+    def __post_init__(self) -> None:
+        check_positive("model.dense", hidden_mult=self.hidden_mult)
+
+
+@dataclass
+class PEERConfig:
+    """PEER layer (He 2024): a product-key pool of single-neuron experts (docs/peer.md)."""
+
+    num_experts: int = 64 * 64
+    """Pool size; a perfect square n*n (an n x n grid of product keys)."""
+    heads: int = 4
+    """Retrieval heads sharing the pool."""
+    top_k: int = 8
+    """Experts retrieved per head (must not exceed a codebook side, sqrt(num_experts))."""
+    key_dim: int = 64
+    """Query/key width, split into two halves for the two sub-key codebooks."""
+    activation: Activation = "gelu"
+    query_norm: Literal["batchnorm", "layernorm", "rmsnorm", "none"] = "batchnorm"
+    """"batchnorm" (paper), "layernorm", "rmsnorm" or "none"."""
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    """"softmax" over each head's top-k scores (paper) or "sigmoid"."""
+
+    def __post_init__(self) -> None:
+        check_positive("model.peer", num_experts=self.num_experts, heads=self.heads,
+                       top_k=self.top_k, key_dim=self.key_dim)
+        side = math.isqrt(self.num_experts)
+        if side * side != self.num_experts:
+            raise ConfigError(f"model.peer.num_experts: {self.num_experts} is not a perfect square "
+                              f"(the pool is an n x n grid of product keys; e.g. {side * side} or {(side + 1) ** 2})")
+        if self.top_k > side:
+            raise ConfigError(f"model.peer.top_k ({self.top_k}) exceeds the codebook side "
+                              f"sqrt(model.peer.num_experts) = {side}")
+        if self.key_dim % 2:
+            raise ConfigError(f"model.peer.key_dim must be even (two halves), got {self.key_dim}")
+
+
+@dataclass
+class MoEConfig:
+    """Coarse top-k mixture of experts with the ST-MoE stabilisers."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    hidden_mult: int = 2
+    """Each expert is a dense FFN of width hidden_mult * dim."""
+    activation: Activation = "gelu"
+    balance_coef: float = 0.01
+    z_coef: float = 0.001
+    capacity_factor: float | None = None
+    """null = dropless (default); e.g. 1.25 drops tokens past capacity in training."""
+    eval_capacity_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        check_positive("model.moe", num_experts=self.num_experts, top_k=self.top_k, hidden_mult=self.hidden_mult)
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"model.moe.top_k ({self.top_k}) exceeds model.moe.num_experts ({self.num_experts})")
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer; each block's FFN is dense, PEER or MoE."""
+
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    dropout: float = 0.0
+    ffn: Literal["peer", "moe", "dense"] = "peer"
+    """FFN kind of the blocks named by `ffn_layers`: "peer", "moe" or "dense"; the rest are dense."""
+    ffn_layers: str | int = "middle"
+    """Which blocks get `ffn`: "middle" (paper), "all", or comma-separated indices like "1,3"."""
+    dense: DenseConfig = field(default_factory=DenseConfig)
+    peer: PEERConfig = field(default_factory=PEERConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        check_positive("model", dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads)
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        self.special_layers()  # validates ffn_layers
+
+    def special_layers(self) -> list[int]:
+        """Indices of the blocks whose FFN is `ffn` (the others are dense)."""
+        spec = str(self.ffn_layers).strip()
+        if spec == "middle":
+            return [self.n_layers // 2]
+        if spec == "all":
+            return list(range(self.n_layers))
+        try:
+            layers = sorted({int(part) for part in spec.split(",") if part.strip()})
+        except ValueError:
+            raise ConfigError(f"model.ffn_layers: {spec!r} is not 'middle', 'all' or a list like '1,3'") from None
+        bad = [i for i in layers if not 0 <= i < self.n_layers]
+        if bad or not layers:
+            raise ConfigError(f"model.ffn_layers: {spec!r} names no block in 0..{self.n_layers - 1}")
+        return layers
 
 
 def build_ffn(cfg: ModelConfig, kind: str) -> nn.Module:
@@ -126,6 +237,21 @@ class LanguageModel(nn.Module):
         return {f"blocks.{i}.ffn": block.ffn for i, block in enumerate(self.blocks)
                 if isinstance(block.ffn, (PEER, MoE))}
 
+    @torch.no_grad()
+    def expert_inputs(self, blocks_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each expert layer's input [tokens, dim] when the model, in eval mode, reads `blocks_BT`."""
+        captured: dict[str, torch.Tensor] = {}
+        handles = [layer.register_forward_pre_hook(
+            lambda module, args, name=name: captured.__setitem__(name, args[0].reshape(-1, args[0].shape[-1])))
+            for name, layer in self.expert_layers().items()]
+        try:
+            with eval_mode(self):
+                self(blocks_BT)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
     def num_experts(self) -> int:
         """Total experts over every PEER and MoE layer."""
         return sum(layer.num_experts for layer in self.expert_layers().values())
@@ -151,3 +277,14 @@ class LanguageModel(nn.Module):
         # The tied token table is read whole by the LM head; of the position table one row per token.
         active = total - ffn_total + ffn_active - self.pos_emb.weight.numel() + self.cfg.dim
         return {"total": total, "active_per_token": active, "ffn_total": ffn_total, "ffn_active": ffn_active}
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    """Run a block in eval mode (running statistics, no dropout), restoring the previous mode after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

@@ -1,11 +1,9 @@
 """Figures shared by the command line, `lifelong report` and the notebooks (matplotlib, Agg-safe).
 
-Every figure function takes loaded data (a results.json dict, or a `lifelong.runs.Run` where
-it needs metrics or snapshots) and an optional matplotlib Axes (or Figure for multi-panel
-figures), and returns the Axes / Figure it drew on. The numbers behind the expert figures
-come from small functions that draw nothing (`transfer_components`, `expert_bin_usage`,
-`traffic_by_generation`, `later_traffic_share`, `routing_drift`, `subkey_points`), so they
-can be checked, printed or reused on their own.
+Every figure function takes loaded data (a results.json dict, or a `lifelong.runs.RunRecord`
+where it needs metrics or snapshots) and an optional matplotlib Axes (or Figure for multi-panel
+figures), and returns the Axes / Figure it drew on. It only draws: the numbers come from
+`lifelong.analysis` and `lifelong.transfer`, where they can be checked or printed on their own.
 """
 
 from __future__ import annotations
@@ -22,6 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from lifelong import analysis  # noqa: E402
+from lifelong.transfer import transfer_components  # noqa: E402
+
 GROWTH_COLOR = "crimson"
 
 
@@ -36,11 +37,9 @@ def _new_axes(ax, width: float, height: float):
 
 
 def _named(runs) -> list[tuple[str, dict]]:
-    """(name, results) pairs from Runs, (name, results) pairs, a {name: results} dict or results dicts."""
-    if isinstance(runs, dict) and "domains" not in runs:
-        return list(runs.items())
+    """(name, results) pairs from RunRecords, (name, results) pairs, a {name: results} dict or results dicts."""
     if isinstance(runs, dict):
-        runs = [runs]
+        return [("run 1", runs)] if "domains" in runs else list(runs.items())
     out = []
     for i, run in enumerate(runs):
         if hasattr(run, "results"):
@@ -62,12 +61,6 @@ def _message(ax, text: str):
     ax.set_xticks([])
     ax.set_yticks([])
     return ax
-
-
-def _learned_stage(results: dict) -> dict[int, int]:
-    """{domain index: stage right after its experience} (empty for joint training)."""
-    stages = results["stages"]
-    return {j: stages.index(f"after:{d}") for j, d in enumerate(results["domains"]) if f"after:{d}" in stages}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +92,7 @@ def matrix_heatmap(results: dict, key: str = "bpb_matrix", ax=None, title: str |
         ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
                 color="white" if dark else "black")
     if mark_learned:
-        for j, stage in _learned_stage(results).items():
+        for j, stage in analysis.learned_stage(results).items():
             ax.add_patch(Rectangle((j - 0.5, stage - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.8))
     if colorbar:
         ax.figure.colorbar(image, ax=ax, label=unit)
@@ -118,6 +111,24 @@ def _summary(results: dict, unit: str) -> dict:
     return results["bpb_summary"] if unit == "bpb" else results
 
 
+def _bar_chart(ax, labels: Sequence[str], series, fmt: str, ylabel: str, title: str, **tick_kw):
+    """Grouped bars: at each label one bar per (name, heights, colour) of `series` (None = no bar),
+    annotated with `fmt`, over a zero line; then the ticks, axis labels, title and legend."""
+    x = np.arange(len(labels))
+    width = 0.8 / len(series)
+    for k, (name, heights, color) in enumerate(series):
+        bars = ax.bar(x + (k - (len(series) - 1) / 2) * width, [np.nan if h is None else h for h in heights],
+                      width=width, label=name, color=color)
+        ax.bar_label(bars, fmt=fmt, fontsize=7, padding=2)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, labels, **tick_kw)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.margins(y=0.2)
+    return ax
+
+
 def forgetting_bars(results: dict, unit: str = "bpb", ax=None):
     """Forgetting of every domain but the last: the final loss minus the best loss since the
     domain was learned (positive = forgot), beside Avalanche's first-minus-last form."""
@@ -128,32 +139,10 @@ def forgetting_bars(results: dict, unit: str = "bpb", ax=None):
         return _message(ax, "no forgetting figures: joint training (or a single domain) has no "
                             "stage after a domain's own")
     domains = list(best)
-    x = np.arange(len(domains))
-    for offset, values, label, color in ((-0.2, best, "final - best since learned", "tab:red"),
-                                         (0.2, first_last, "final - just after learned (Avalanche)", "tab:gray")):
-        heights = [values.get(d, np.nan) for d in domains]
-        bars = ax.bar(x + offset, heights, width=0.4, label=label, color=color)
-        ax.bar_label(bars, fmt="%+.3f", fontsize=7, padding=2)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, domains)
-    ax.set_ylabel(f"forgetting ({'bits/byte' if unit == 'bpb' else 'nats/token'})")
-    ax.set_title("forgetting per domain (> 0: the final model is worse)")
-    ax.legend(fontsize=8)
-    ax.margins(y=0.2)
-    return ax
-
-
-def transfer_components(matrix) -> tuple[list[float | None], list[float | None]]:
-    """Per-domain terms of BWT and FWT (section 7), 0-based domain j learned at stage j + 1:
-    bwt_j = L[j+1][j] - L[T][j] for j < T-1, fwt_j = L[0][j] - L[j][j] for j >= 1; None elsewhere.
-    Their means are the run's BWT and FWT."""
-    L = np.asarray(matrix, dtype=float)
-    T = L.shape[1]
-    if L.shape[0] != T + 1:
-        return [None] * T, [None] * T
-    bwt = [float(L[j + 1, j] - L[T, j]) if j < T - 1 else None for j in range(T)]
-    fwt = [float(L[0, j] - L[j, j]) if j >= 1 else None for j in range(T)]
-    return bwt, fwt
+    series = [("final - best since learned", [best[d] for d in domains], "tab:red"),
+              ("final - just after learned (Avalanche)", [first_last.get(d) for d in domains], "tab:gray")]
+    return _bar_chart(ax, domains, series, "%+.3f", f"forgetting ({_unit(unit)})",
+                      "forgetting per domain (> 0: the final model is worse)")
 
 
 def transfer_bars(results: dict, unit: str = "bpb", ax=None):
@@ -166,44 +155,25 @@ def transfer_bars(results: dict, unit: str = "bpb", ax=None):
     summary = _summary(results, unit)
     if summary.get("bwt") is None:
         return _message(ax, "BWT and FWT are not defined for this run (joint training or one domain)")
-    x = np.arange(len(results["domains"]))
-    for offset, values, name, color in ((-0.2, bwt, "BWT", "tab:blue"), (0.2, fwt, "FWT", "tab:orange")):
-        heights = [np.nan if v is None else v for v in values]
-        bars = ax.bar(x + offset, heights, width=0.4, color=color, label=f"{name} term")
-        ax.bar_label(bars, fmt="%+.2f", fontsize=7, padding=2)
-        ax.axhline(summary[name.lower()], color=color, linestyle="--", linewidth=1,
-                   label=f"{name} = {summary[name.lower()]:+.3f}")
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, results["domains"])
-    ax.set_ylabel(f"{'bits/byte' if unit == 'bpb' else 'nats/token'} (> 0 = better)")
-    ax.set_title("backward (BWT) and forward (FWT) transfer per domain")
-    ax.legend(fontsize=8)
-    ax.margins(y=0.2)
-    return ax
+    for name, color in (("BWT", "tab:blue"), ("FWT", "tab:orange")):
+        value = summary[name.lower()]
+        ax.axhline(value, color=color, linestyle="--", linewidth=1, label=f"{name} = {value:+.3f}")
+    series = [("BWT term", bwt, "tab:blue"), ("FWT term", fwt, "tab:orange")]
+    return _bar_chart(ax, results["domains"], series, "%+.2f", f"{_unit(unit)} (> 0 = better)",
+                      "backward (BWT) and forward (FWT) transfer per domain")
 
 
 def summary_bars(runs, ax=None):
     """BWT, FWT and the largest forgetting (bits/byte) of several runs side by side."""
     named = _named(runs)
     ax = _new_axes(ax, 1.6 * len(named) + 3, 3.6)
-    figures = (("BWT", "bwt", "tab:blue"), ("FWT", "fwt", "tab:orange"), ("max forgetting", "max", "tab:red"))
-    x = np.arange(len(named))
-    width = 0.8 / len(figures)
-    for k, (label, key, color) in enumerate(figures):
-        values = []
-        for _, res in named:
-            s = res["bpb_summary"]
-            value = max(s["forgetting"].values(), default=None) if key == "max" else s.get(key)
-            values.append(np.nan if value is None else value)
-        bars = ax.bar(x + (k - 1) * width, values, width=width, color=color, label=label)
-        ax.bar_label(bars, fmt="%+.2f", fontsize=7, padding=2)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, [name for name, _ in named], rotation=15, ha="right")
-    ax.set_ylabel("bits/byte")
-    ax.set_title("transfer and forgetting per run (BWT, FWT > 0 better; forgetting > 0 worse)")
-    ax.legend(fontsize=8)
-    ax.margins(y=0.2)
-    return ax
+    summaries = [res["bpb_summary"] for _, res in named]
+    series = [("BWT", [s.get("bwt") for s in summaries], "tab:blue"),
+              ("FWT", [s.get("fwt") for s in summaries], "tab:orange"),
+              ("max forgetting", [analysis.max_forgetting(s) for s in summaries], "tab:red")]
+    return _bar_chart(ax, [name for name, _ in named], series, "%+.2f", "bits/byte",
+                      "transfer and forgetting per run (BWT, FWT > 0 better; forgetting > 0 worse)",
+                      rotation=15, ha="right")
 
 
 def compare_matrices(runs, key: str = "bpb_matrix", fig=None):
@@ -241,8 +211,7 @@ def _mark_stream(ax, run, boundaries) -> None:
                 ax.axvline(start, color="grey", linestyle="--", linewidth=0.9)
             ax.text((start + end) / 2, 1.01, name, transform=ax.get_xaxis_transform(),
                     ha="center", va="bottom", fontsize=8, color="dimgrey")
-    for i, step in enumerate(sorted({e["step"] for e in run.growth_events()})):
-        added = sum(e["added"] for e in run.growth_events() if e["step"] == step)
+    for i, (step, added) in enumerate(run.growth_steps().items()):
         ax.axvline(step, color=GROWTH_COLOR, linestyle=":", linewidth=1.2,
                    label="growth" if i == 0 else None)
         ax.text(step, 0.98, f" +{added}", transform=ax.get_xaxis_transform(), color=GROWTH_COLOR,
@@ -260,14 +229,9 @@ def learning_curves(run, ax=None):
     ax = _new_axes(ax, 9, 4.2)
     colors = _domain_colors(run.domains)
     curves = run.curves()
-    boundaries = run.boundaries()
-    if not (boundaries and len(boundaries) + 1 == len(run.stages)):
-        boundaries = None
-    if boundaries:
-        stage_x = [0, *boundaries]  # stage s >= 1 is evaluated at the end of experience s - 1
-    elif curves:
-        stage_x = None  # curves are in steps, stages cannot be placed among them
-    else:
+    stage_x = run.stage_steps()
+    boundaries = stage_x[1:] if stage_x else None
+    if stage_x is None and not curves:  # no steps to place stages at, nor curves in steps beside them
         stage_x = list(range(len(run.stages)))
     matrix = np.asarray(run.results["loss_matrix"], float)
     for j, domain in enumerate(run.domains):
@@ -298,15 +262,6 @@ def learning_curves(run, ax=None):
 # Experts: usage, overlap, traffic by generation, routing drift, sub-key geometry
 
 
-def _stage_labels(run) -> list[str]:
-    return [s.replace("after:", "") for s in run.stages]
-
-
-def _growth_stages(run, layer: str) -> list[int]:
-    counts = run.results["experts"][layer]["num_experts"]
-    return [s for s in range(1, len(counts)) if counts[s] > counts[s - 1]]
-
-
 def usage_by_stage(run, layer: str, fig=None):
     """Left: fraction of the layer's experts that receive any routing weight on each domain's test
     split, per stage (black: all domains pooled). Right: unevenness, KL(usage || uniform) in nats
@@ -323,9 +278,9 @@ def usage_by_stage(run, layer: str, fig=None):
         for j, domain in enumerate(run.domains):
             ax.plot(x, per_domain[:, j], "o-", color=colors[domain], markersize=3, label=domain)
         ax.plot(x, stats[f"{key}_all"], "s-", color="black", linewidth=2, markersize=4, label="all domains")
-        for s in _growth_stages(run, layer):
+        for s in analysis.growth_stages(run, layer):
             ax.axvspan(s - 0.5, s + 0.5, color=GROWTH_COLOR, alpha=0.08)
-        ax.set_xticks(x, _stage_labels(run), rotation=20, ha="right")
+        ax.set_xticks(x, analysis.stage_labels(run), rotation=20, ha="right")
         ax.set_ylabel(label)
         ax.set_xlabel("stage")
     axes[0].legend(fontsize=7)
@@ -334,31 +289,12 @@ def usage_by_stage(run, layer: str, fig=None):
     return fig
 
 
-def expert_bin_usage(usage: dict[str, np.ndarray], bins: int,
-                     breaks: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-    """({domains x bins} share of each domain's routing weight per contiguous block of expert
-    ids, bin edges in expert ids). Each row sums to 1 (0 for a domain with no traffic).
-    `breaks`: expert ids that must start a bin (e.g. where each growth's experts begin)."""
-    counts = np.stack([np.asarray(u, float).reshape(-1, np.shape(u)[-1]).sum(0) for u in usage.values()])
-    n = counts.shape[1]
-    edges = np.linspace(0, n, min(bins, n) + 1).round().astype(int)
-    edges = np.unique(np.concatenate([edges, [b for b in breaks if 0 < b < n]]).astype(int))
-    binned = np.add.reduceat(counts, edges[:-1], axis=1)
-    totals = binned.sum(1, keepdims=True)
-    return np.divide(binned, totals, out=np.zeros_like(binned), where=totals > 0), edges
-
-
-def _generation_starts(generation: np.ndarray) -> dict[int, int]:
-    """{g >= 1: first expert id of generation g} (growth appends, so each generation is one range)."""
-    return {int(g): int(np.argmax(generation == g)) for g in np.unique(generation) if g > 0}
-
-
 def domain_expert_heatmap(run, layer: str, stage: int = -1, bins: int = 64, ax=None):
     """Which experts each domain uses: share of the domain's routing weight per block of expert
     ids (rows sum to 1). White lines: where the experts added by each growth begin."""
     usage = run.usage(layer, stage)
-    starts = _generation_starts(run.generation(layer, stage))
-    share, edges = expert_bin_usage(usage, bins, breaks=list(starts.values()))
+    starts = analysis.generation_starts(run.generation(layer, stage))
+    share, edges = analysis.expert_bin_usage(usage, bins, breaks=list(starts.values()))
     ax = _new_axes(ax, 10, 0.45 * len(usage) + 1.8)
     image = ax.pcolormesh(edges, np.arange(len(usage) + 1) - 0.5, share, cmap="magma")
     ax.invert_yaxis()
@@ -390,40 +326,6 @@ def overlap_heatmap(run, layer: str, stage: int = -1, ax=None):
     return ax
 
 
-def _generation_labels(run, layer: str) -> dict[int, str]:
-    first = run.generation_stage(layer)
-    return {g: "original" if s == 0 else f"g{g}: added for {_stage_labels(run)[s]}" for g, s in sorted(first.items())}
-
-
-def traffic_by_generation(run, layer: str, stage: int = -1) -> tuple[list[int], np.ndarray]:
-    """(generations, {domains x generations} share of each domain's routing weight on the experts
-    of each generation) at one stage; rows sum to 1."""
-    generation = run.generation(layer, stage)
-    gens = np.unique(generation).astype(int).tolist()
-    usage = run.usage(layer, stage)
-    rows = []
-    for counts in usage.values():
-        per_expert = np.asarray(counts, float).reshape(-1, counts.shape[-1]).sum(0)
-        per_gen = np.array([per_expert[generation == g].sum() for g in gens])
-        rows.append(per_gen / per_gen.sum() if per_gen.sum() > 0 else per_gen)
-    return gens, np.array(rows)
-
-
-def later_traffic_share(run, layer: str) -> np.ndarray:
-    """{stages x domains} share of domain j's routing weight on experts added for a later domain
-    (first seen at a stage s >= j + 2, i.e. added while learning domain j + 1 or later); NaN where
-    no such experts exist yet."""
-    first = run.generation_stage(layer)
-    out = np.full((len(run.stages), len(run.domains)), np.nan)
-    for stage in range(len(run.stages)):
-        gens, share = traffic_by_generation(run, layer, stage)
-        for j in range(len(run.domains)):
-            later = [k for k, g in enumerate(gens) if first[g] >= j + 2]
-            if later:
-                out[stage, j] = share[j, later].sum()
-    return out
-
-
 def generation_traffic(run, layer: str, fig=None):
     """Left: at the last stage, how each domain's routing weight splits over the original experts and
     those each growth added. Right: across stages, the share of each domain's weight on experts
@@ -433,8 +335,8 @@ def generation_traffic(run, layer: str, fig=None):
     if fig is None:
         fig = plt.figure(figsize=(12, 3.8))
     left, right = fig.subplots(1, 2)
-    gens, share = traffic_by_generation(run, layer, -1)
-    labels = _generation_labels(run, layer)
+    gens, share = analysis.traffic_by_generation(run, layer, -1)
+    labels = analysis.generation_labels(run, layer)
     cmap = plt.get_cmap("tab10")
     bottom = np.zeros(len(run.domains))
     for k, g in enumerate(gens):
@@ -444,13 +346,13 @@ def generation_traffic(run, layer: str, fig=None):
     left.set_ylabel("share of routing weight")
     left.set_title(f"at {run.stages[-1]}: traffic by generation", fontsize=10)
     left.legend(fontsize=7, loc="lower left")
-    later = later_traffic_share(run, layer)
+    later = analysis.later_traffic_share(run, layer)
     colors = _domain_colors(run.domains)
     x = np.arange(len(run.stages))
     for j, domain in enumerate(run.domains):
         if not np.isnan(later[:, j]).all():
             right.plot(x, later[:, j], "o-", color=colors[domain], label=domain)
-    right.set_xticks(x, _stage_labels(run), rotation=20, ha="right")
+    right.set_xticks(x, analysis.stage_labels(run), rotation=20, ha="right")
     right.set_ylabel("share on experts added later")
     right.set_title("traffic to experts added for later domains", fontsize=10)
     if right.lines:
@@ -461,35 +363,12 @@ def generation_traffic(run, layer: str, fig=None):
     return fig
 
 
-def routing_drift(run, layer: str) -> dict[str, np.ndarray]:
-    """How the probe tokens' routes change between consecutive stages, {stages-1 x domains}:
-    "changed": fraction of each token's top-k expert ids (per head) not chosen at the previous
-    stage; "to_new": fraction of the ids that name experts added since the previous stage.
-    Row s - 1 compares stage s with stage s - 1."""
-    transitions = len(run.stages) - 1
-    changed = np.full((transitions, len(run.domains)), np.nan)
-    to_new = np.full_like(changed, np.nan)
-    previous = run.routes(layer, 0)
-    for s in range(1, len(run.stages)):
-        current = run.routes(layer, s)
-        old_n = len(run.generation(layer, s - 1))
-        for j, domain in enumerate(run.domains):
-            if domain not in current or domain not in previous:
-                continue
-            a, b = previous[domain], current[domain]
-            kept = (b[..., :, None] == a[..., None, :]).any(-1)  # [tokens, heads, k]
-            changed[s - 1, j] = 1.0 - kept.mean()
-            to_new[s - 1, j] = (b >= old_n).mean()
-        previous = current
-    return {"changed": changed, "to_new": to_new}
-
-
 def drift_plot(run, layer: str, ax=None):
     """Routing drift of old domains: for every domain already learned, the fraction of its probe
     tokens' expert choices that changed at each later stage (solid) and the part of it that went to
     experts added since the previous stage (dashed). Shaded: stages after growth."""
-    drift = routing_drift(run, layer)
-    learned = _learned_stage(run.results)
+    drift = analysis.routing_drift(run, layer)
+    learned = analysis.learned_stage(run.results)
     ax = _new_axes(ax, 9, 3.8)
     colors = _domain_colors(run.domains)
     x = np.arange(1, len(run.stages))
@@ -501,9 +380,9 @@ def drift_plot(run, layer: str, ax=None):
         ax.plot(x[old], drift["to_new"][old, j], "^--", color=colors[domain], label=f"{domain}: to new experts")
     if not ax.lines:
         return _message(ax, "no stage follows a learned domain: nothing to compare")
-    for s in _growth_stages(run, layer):
+    for s in analysis.growth_stages(run, layer):
         ax.axvspan(s - 0.5, s + 0.5, color=GROWTH_COLOR, alpha=0.08)
-    ax.set_xticks(x, [f"-> {label}" for label in _stage_labels(run)[1:]], rotation=20, ha="right")
+    ax.set_xticks(x, [f"-> {label}" for label in analysis.stage_labels(run)[1:]], rotation=20, ha="right")
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("fraction of top-k ids")
     ax.set_title(f"{run.name} {layer}: routing drift of learned domains' probe tokens", fontsize=10)
@@ -511,41 +390,20 @@ def drift_plot(run, layer: str, ax=None):
     return ax
 
 
-def subkey_points(run, layer: str, stage: int = -1, head: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-    """(points [rows, features], generation of each row, what a row is) for the PCA figure.
-
-    PEER: the first-codebook sub-keys, one row per expert-grid row i (experts i*n2 .. i*n2+n2-1;
-    growth adds rows there), all heads concatenated unless `head` is given. MoE: router rows."""
-    snap = run.snapshot(stage)
-    generation = run.generation(layer, stage)
-    if f"keys1/{layer}" in snap:
-        keys = snap[f"keys1/{layer}"]  # [heads, n1, d]
-        n2 = snap[f"keys2/{layer}"].shape[1]
-        points = keys[head] if head is not None else keys.transpose(1, 0, 2).reshape(keys.shape[1], -1)
-        return points, generation[::n2], "first-codebook sub-key (grid row)"
-    if f"router/{layer}" in snap:
-        return snap[f"router/{layer}"], generation, "router row (expert)"
-    raise ValueError(f"{run.name}: no sub-keys or router rows for {layer} in the snapshot")
-
-
 def subkey_pca(run, layer: str, stage: int = -1, head: int | None = None, ax=None):
     """2-D PCA of the layer's sub-keys (PEER) or router rows (MoE), coloured by the growth that
     added them: where new keys land relative to the original ones decides which tokens they win."""
-    from sklearn.decomposition import PCA
-
-    points, generation, what = subkey_points(run, layer, stage, head)
+    points, generation, what = analysis.subkey_points(run, layer, stage, head)
     ax = _new_axes(ax, 6.5, 5)
     if len(points) < 3:
         return _message(ax, f"only {len(points)} {what}s: nothing to project")
-    pca = PCA(n_components=2).fit(points)
-    xy = pca.transform(points)
-    labels = _generation_labels(run, layer)
+    xy, ratio = analysis.pca_2d(points)
+    labels = analysis.generation_labels(run, layer)
     cmap = plt.get_cmap("tab10")
     for k, g in enumerate(np.unique(generation).astype(int)):
         pick = generation == g
         ax.scatter(xy[pick, 0], xy[pick, 1], s=18 if g else 12, label=labels.get(g, f"g{g}"),
                    color="grey" if g == 0 else cmap(k % 10), alpha=0.6 if g == 0 else 0.9)
-    ratio = pca.explained_variance_ratio_
     ax.set_xlabel(f"PC1 ({ratio[0]:.0%} of variance)")
     ax.set_ylabel(f"PC2 ({ratio[1]:.0%} of variance)")
     which = "" if "router" in what else ", all heads" if head is None else f", head {head}"

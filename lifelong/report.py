@@ -12,7 +12,8 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from lifelong.runs import Run, load_run
+from lifelong.analysis import max_forgetting
+from lifelong.runs import RunRecord, load_run
 
 # (key, header, kind): kind picks the formatting of the value.
 COLUMNS = (
@@ -32,25 +33,23 @@ COLUMNS = (
 SEED_FIGURES = {"final_bpb": "bpb_final_average", "bwt_bpb": "bpb_bwt", "fwt_bpb": "bpb_fwt"}
 
 
-def _as_run(run: Run | str | Path) -> Run:
-    return run if isinstance(run, Run) else load_run(run)
+def _as_run(run: RunRecord | str | Path) -> RunRecord:
+    return run if isinstance(run, RunRecord) else load_run(run)
 
 
-def _growth(run: Run) -> str:
+def _growth(run: RunRecord) -> str:
     growth = run.config.get("growth", {})
     schedule = growth.get("schedule", "none")
     if schedule == "none" and not run.growth_events():
         return "-"
-    events = len({e["step"] for e in run.growth_events()})
-    return f"{schedule} x{events}"
+    return f"{schedule} x{len(run.growth_steps())}"
 
 
-def row(run: Run | str | Path) -> dict:
+def row(run: RunRecord | str | Path) -> dict:
     """One table row: the run's identity and its summary figures (None where undefined)."""
     run = _as_run(run)
     res = run.results
     bpb = res["bpb_summary"]
-    forgetting = list((bpb.get("forgetting") or {}).values())
     experts = res.get("num_experts") or [None]
     out = {
         "name": run.name,
@@ -60,7 +59,7 @@ def row(run: Run | str | Path) -> dict:
         "final_bpb": bpb.get("final_average"),
         "bwt_bpb": bpb.get("bwt"),
         "fwt_bpb": bpb.get("fwt"),
-        "max_forgetting_bpb": max(forgetting) if forgetting else None,
+        "max_forgetting_bpb": max_forgetting(bpb),
         "experts": experts[-1],
         "flops_per_token": res.get("flops_per_token"),
         "wall_time_s": run.run_info.get("wall_time_s", res.get("wall_time_s")),
@@ -75,7 +74,7 @@ def row(run: Run | str | Path) -> dict:
     return out
 
 
-def report(run_dirs: Sequence[Run | str | Path]) -> list[dict]:
+def report(run_dirs: Sequence[RunRecord | str | Path]) -> list[dict]:
     """One row per run (see `row`), in the order given."""
     return [row(r) for r in run_dirs]
 
@@ -99,11 +98,11 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return [h for _, h, _ in COLUMNS], [[_cell(r, k, kind) for k, _, kind in COLUMNS] for r in rows]
 
 
-def _content_hashes(run: Run) -> list:
+def _content_hashes(run: RunRecord) -> list:
     return [d.get("content_hash") for d in run.results.get("domain_info") or []]
 
 
-def comparability_notes(runs: Sequence[Run]) -> list[str]:
+def comparability_notes(runs: Sequence[RunRecord]) -> list[str]:
     """Warnings when runs were not measured on the same domains and text (content hashes)."""
     notes = []
     first = runs[0]
@@ -150,7 +149,7 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def save_comparison_png(runs: Sequence[Run | str | Path], path: str | Path) -> Path:
+def save_comparison_png(runs: Sequence[RunRecord | str | Path], path: str | Path) -> Path:
     """The runs' bits-per-byte matrices side by side on one colour scale, saved as PNG."""
     from lifelong import plots
 

@@ -1,22 +1,15 @@
-"""The run directory's `results.json`: assembling it, writing it safely, printing it."""
+"""The content of a run's `results.json`: assembling it and printing it as a table."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from lifelong.metrics import summarize
-
-RESULTS_FILE = "results.json"
-RUN_INFO_FILE = "run_info.json"
+from lifelong.transfer import summarize
 
 
 def assemble(domains: list[str], stages: list[str], loss_matrix: list[list[float]],
              bpb_matrix: list[list[float]], num_experts: list[int], **extra: Any) -> dict:
-    """results.json content: the matrices plus every section-7 figure recomputed from them.
+    """results.json content: the matrices plus every figure of lifelong/transfer.py recomputed from them.
 
     Forgetting, BWT and FWT are computed from `loss_matrix` (nats/token), as the
     contract says; the same figures in bits per byte are under `bpb_summary`.
@@ -40,27 +33,14 @@ def assemble(domains: list[str], stages: list[str], loss_matrix: list[list[float
     return results
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, fsync it, then rename over `path`.
-
-    A crash at any moment leaves either the old file or the new one, never a torn one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load(run_dir: str | Path) -> dict:
-    return json.loads((Path(run_dir) / RESULTS_FILE).read_text())
+def per_layer(stats_per_stage: list[dict]) -> dict:
+    """Expert statistics [stage]{layer}{key: value} -> {layer}{key: [value per stage]} (`experts`)."""
+    out: dict = {}
+    for stats in stats_per_stage:
+        for layer, values in stats.items():
+            for key, value in values.items():
+                out.setdefault(layer, {}).setdefault(key, []).append(value)
+    return out
 
 
 def _fmt(value: float | None, width: int = 8, signed: bool = False) -> str:

@@ -1,19 +1,17 @@
 """Finding and reading run directories, for the notebooks and `lifelong report`.
 
 Reads only what `lifelong run` wrote (results.json, run_info.json, metrics.csv,
-snapshots/*.safetensors) with the standard library, NumPy and safetensors, so it
-is quick to import: no torch, no Avalanche.
+snapshots/*.safetensors; the names are in lifelong.rundir) with the standard library, NumPy
+and safetensors, so it is quick to import: no torch, no Avalanche.
 
     from lifelong.runs import find_runs, load_run
-    run = load_run(find_runs()[0])      # LIFELONG_RUN, else the newest run under runs/
+    run = load_run(find_runs()[0])      # a RunRecord: LIFELONG_RUN, else the newest run under runs/
     run.results["bpb_matrix"], run.curves(), run.usage("blocks.1.ffn", stage=-1)
 """
 
 from __future__ import annotations
 
 import csv
-import json
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS_FILE = "results.json"
-RUN_INFO_FILE = "run_info.json"
-METRICS_FILE = "metrics.csv"
-SNAPSHOT_DIR = "snapshots"
+from lifelong import transfer
+from lifelong.rundir import (CURVE_PREFIX, METRICS_FILE, RESULTS_FILE, RUN_INFO_FILE, SEED_PREFIX, SNAPSHOT_DIR,
+                             is_seed_dir, read_json, snapshot_path)
+
 ENV_VAR = "LIFELONG_RUN"
-CURVE_PREFIX = "Curve/test_stream/"
 
 
 def _check_run_dir(path: Path) -> Path:
@@ -94,34 +91,19 @@ def _read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def steps_per_experience(blocks: int, train: dict) -> int:
-    """Optimizer steps of one experience of `blocks` blocks; the same rule as
-    `lifelong.plugins.steps_per_experience` (Avalanche keeps the last partial micro-batch, the
-    LM template steps the last partial accumulation group): ceil(ceil(blocks / micro) / accum) * epochs."""
-    accum = int(train.get("grad_accum", 1))
-    micro = int(train["batch_size"]) // accum
-    return math.ceil(math.ceil(blocks / micro) / accum) * int(train.get("epochs", 1))
-
-
 def experience_steps(results: dict) -> list[int] | None:
     """Optimizer steps of each training experience: results["experience_steps"] when the run
-    recorded it, else derived from the config and each domain's train_blocks (None if unknown).
-
-    Cumulative training trains experience i on the first i + 1 domains; joint training is one
-    experience over all of them; every other strategy's loader is set by the current domain alone.
-    """
+    recorded it, else `transfer.experience_steps` of the config and each domain's train_blocks
+    (None if the results do not hold them)."""
     if results.get("experience_steps") is not None:
         return [int(s) for s in results["experience_steps"]]
     config, info = results.get("config") or {}, results.get("domain_info") or []
     if "train" not in config or not info or any("train_blocks" not in d for d in info):
         return None
-    blocks = [int(d["train_blocks"]) for d in info]
-    strategy = config.get("strategy", {}).get("name")
-    if strategy == "joint":
-        blocks = [sum(blocks)]
-    elif strategy == "cumulative":
-        blocks = np.cumsum(blocks).tolist()
-    return [steps_per_experience(b, config["train"]) for b in blocks]
+    train = config["train"]
+    return transfer.experience_steps(config.get("strategy", {}).get("name"), [d["train_blocks"] for d in info],
+                                     int(train["batch_size"]), int(train.get("grad_accum", 1)),
+                                     int(train.get("epochs", 1)))
 
 
 class Snapshot(Mapping):
@@ -153,10 +135,10 @@ class Snapshot(Mapping):
 
 
 @dataclass
-class Run:
-    """One run directory, loaded lazily: results and run info at once, metrics and snapshots on use.
+class RunRecord:
+    """One finished run directory, loaded lazily: results and run info at once, metrics and snapshots on use.
 
-    Build one with `load_run(path)`, or `Run.from_data(results, ...)` for data held in memory.
+    Build one with `load_run(path)`, or `RunRecord.from_data(results, ...)` for data held in memory.
     Stages are indexed 0..S-1 as in results["stages"] (0 = before training); negative indexes
     count from the end.
     """
@@ -171,8 +153,8 @@ class Run:
     @classmethod
     def from_data(cls, results: dict, name: str = "run", run_info: dict | None = None,
                   metrics: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
-                  snapshots: Sequence[dict] | None = None) -> Run:
-        """A Run over in-memory data: metrics {name: (x, values)}, snapshots one dict per stage."""
+                  snapshots: Sequence[dict] | None = None) -> RunRecord:
+        """A RunRecord over in-memory data: metrics {name: (x, values)}, snapshots one dict per stage."""
         return cls(None, results, run_info or {}, name,
                    {k: (np.asarray(x, float), np.asarray(y, float)) for k, (x, y) in (metrics or {}).items()},
                    dict(enumerate(snapshots or [])))
@@ -212,6 +194,13 @@ class Run:
         events = self.results.get("growth_events") or []
         return [e for e in events if layer is None or e["layer"] == layer]
 
+    def growth_steps(self) -> dict[int, int]:
+        """{optimizer step: experts added there, all layers together}, in step order."""
+        added: dict[int, int] = {}
+        for event in sorted(self.growth_events(), key=lambda e: e["step"]):
+            added[event["step"]] = added.get(event["step"], 0) + event["added"]
+        return added
+
     def experience_steps(self) -> list[int] | None:
         return experience_steps(self.results)
 
@@ -220,6 +209,12 @@ class Run:
         boundaries()[s - 1]); None when the run does not say enough to know."""
         steps = self.experience_steps()
         return None if steps is None else np.cumsum(steps).astype(int).tolist()
+
+    def stage_steps(self) -> list[int] | None:
+        """Optimizer step at which each stage was evaluated (0, then the end of each experience);
+        None when the boundaries are unknown or do not match the stages."""
+        boundaries = self.boundaries()
+        return [0, *boundaries] if boundaries and len(boundaries) + 1 == len(self.stages) else None
 
     def stage_index(self, stage: int) -> int:
         n = len(self.stages)
@@ -231,7 +226,7 @@ class Run:
         """A sentence on why this run has no expert statistics (dense model, aggregate of seeds)."""
         if self.results.get("seeds"):
             return (f"{self.name} aggregates seeds {self.results['seeds']}: open one seed's run directory "
-                    "(e.g. .../seed-N) for expert statistics")
+                    f"(e.g. .../{SEED_PREFIX}N) for expert statistics")
         return f"{self.name} has no PEER or MoE layer (model.ffn = {self.ffn!r}): no expert statistics"
 
     # -- metrics.csv -------------------------------------------------------------------------
@@ -255,7 +250,7 @@ class Run:
     # -- snapshots ---------------------------------------------------------------------------
 
     def _snapshot_file(self, stage: int) -> Path | None:
-        return None if self.path is None else self.path / SNAPSHOT_DIR / f"stage-{stage:02d}.safetensors"
+        return None if self.path is None else snapshot_path(self.path, stage)
 
     @property
     def has_snapshots(self) -> bool:
@@ -303,16 +298,15 @@ class Run:
             self.has_snapshots and int(self.generation(layer, -1).max(initial=0)) > 0)
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path) -> RunRecord:
     """Read a run directory (ValueError if it has no results.json)."""
     path = _check_run_dir(Path(path).expanduser())
-    results = json.loads((path / RESULTS_FILE).read_text())
     info_path = path / RUN_INFO_FILE
-    run_info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    return Run(path, results, run_info, run_name(path))
+    run_info = read_json(info_path) if info_path.is_file() else {}
+    return RunRecord(path, read_json(path / RESULTS_FILE), run_info, run_name(path))
 
 
-def load_runs(spec=None, root: str | Path | None = None) -> list[Run]:
+def load_runs(spec=None, root: str | Path | None = None) -> list[RunRecord]:
     """`load_run` of every directory `find_runs(spec, root)` names, with names made unique."""
     runs = [load_run(p) for p in find_runs(spec, root)]
     seen: dict[str, int] = {}
@@ -325,11 +319,11 @@ def load_runs(spec=None, root: str | Path | None = None) -> list[Run]:
 
 def run_name(path: Path) -> str:
     """A short display name: the directory's name, with its parent's for a seed of a multi-seed run."""
-    return f"{path.parent.name}/{path.name}" if path.name.startswith("seed-") else path.name
+    return f"{path.parent.name}/{path.name}" if is_seed_dir(path) else path.name
 
 
-def expert_layers(runs: Iterable[Run], need_growth: bool = False, need_snapshots: bool = True,
-                  echo: Callable[[str], None] = print) -> Iterator[tuple[Run, str]]:
+def expert_layers(runs: Iterable[RunRecord], need_growth: bool = False, need_snapshots: bool = True,
+                  echo: Callable[[str], None] = print) -> Iterator[tuple[RunRecord, str]]:
     """(run, layer) for every expert layer of every run that has the data a figure needs
     (snapshots unless `need_snapshots=False`, growth if `need_growth`); for each one skipped,
     `echo` says why (dense model, no snapshots, no growth)."""
@@ -338,7 +332,7 @@ def expert_layers(runs: Iterable[Run], need_growth: bool = False, need_snapshots
             echo(run.why_no_experts())
             continue
         if (need_snapshots or need_growth) and not run.has_snapshots:
-            echo(f"{run.name}: no snapshots/ folder (a run from an older version?): no per-expert data")
+            echo(f"{run.name}: no {SNAPSHOT_DIR}/ folder (a run from an older version?): no per-expert data")
             continue
         for layer in run.layers:
             if need_growth and not run.has_growth(layer):

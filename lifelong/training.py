@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from experts import PEER, MoE, ProductKeys, QueryNorm
 from experts.optim import RowAdamW, rowwise_groups
-from lifelong.config import ConfigError, RunConfig
+from lifelong.config import RunConfig
+from lifelong.errors import ConfigError
 
 
 class LMCriterion(nn.Module):

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from lifelong import distributed, experiment
-from lifelong.config import resolve
+from lifelong.presets import resolve
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -28,7 +28,7 @@ def main(out: str, *overrides: str) -> None:
     if distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    session = experiment.Run(cfg, out_dir, progress_bars=False, echo=lambda *_: None)
+    session = experiment.RunSession(cfg, out_dir, progress_bars=False, echo=lambda *_: None)
     result = session.execute()
     digests = [None] * distributed.world_size()
     dist.all_gather_object(digests, weights_digest(session.model))

@@ -95,3 +95,28 @@ def test_rng_state_round_trip_through_a_safe_load(tmp_path):
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     checkpoint.set_rng_state(checkpoint.load_state(path)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_run_state_round_trips_and_fills_what_older_checkpoints_lack(tmp_path):
+    state = checkpoint.RunState(config={"seed": 0}, progress=checkpoint.Progress(stages=["init"]).as_state(),
+                                optimizer={"state": {}, "param_groups": []}, strategy={"optimizer_steps": 2},
+                                rng=checkpoint.rng_state(), metric_counters={"stage": 1}, metrics_csv_bytes=10)
+    path = checkpoint.save(tmp_path, Tiny(), state.to_dict())
+    loaded = checkpoint.RunState.from_dict(checkpoint.load_state(path))
+    assert loaded.progress["stages"] == ["init"] and loaded.metrics_csv_bytes == 10
+    assert loaded.position is None and loaded.optimizer_format == "plain" and loaded.manual_growth_events == []
+    assert list(state.to_dict()) == list(checkpoint.RunState._ORDER)
+    older = {k: v for k, v in state.to_dict().items() if k not in ("optimizer_format", "manual_growth_events")}
+    assert checkpoint.RunState.from_dict(older).optimizer_format == "plain"
+
+
+def test_checkpoint_folder_from_a_run_directory_or_itself(tmp_path):
+    from lifelong.config import ConfigError
+
+    with pytest.raises(ConfigError, match="neither a run directory nor a checkpoint folder"):
+        checkpoint.checkpoint_folder(tmp_path)
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        checkpoint.checkpoint_folder(tmp_path)
+    path = checkpoint.save(tmp_path, Tiny(), {})
+    assert checkpoint.checkpoint_folder(tmp_path) == path == checkpoint.checkpoint_folder(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lifelong import distributed, experiment
-from lifelong.config import resolve
+from lifelong.presets import resolve
 
 # layernorm queries: each token's route is its own, so sharding a batch changes no number (with
 # batchnorm each rank would normalise with its own shard's statistics).

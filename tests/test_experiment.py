@@ -12,7 +12,8 @@ import time
 import pytest
 
 from lifelong import checkpoint, experiment
-from lifelong.config import ConfigError, resolve
+from lifelong.config import ConfigError, dump_yaml
+from lifelong.presets import resolve
 
 
 def _cli(*args, env=None):
@@ -71,7 +72,7 @@ def test_resume_refuses_what_is_not_a_run(tmp_path):
     with pytest.raises(ConfigError, match="not a run directory"):
         experiment.resume(tmp_path)
     cfg = resolve("smoke")
-    (tmp_path / "config.yaml").write_text(experiment.dump_yaml(cfg))
+    (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         experiment.resume(tmp_path)
 
@@ -80,56 +81,9 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     cfg = resolve("smoke", overrides=["stream.train_tokens=2048", "stream.test_tokens=1024"])
     experiment.run(cfg, tmp_path, progress=False, echo=lambda *_: None)
     changed = resolve("smoke", overrides=["stream.train_tokens=2048", "stream.test_tokens=1024", "train.lr=0.5"])
-    (tmp_path / "config.yaml").write_text(experiment.dump_yaml(changed))
+    (tmp_path / "config.yaml").write_text(dump_yaml(changed))
     with pytest.raises(checkpoint.CheckpointError, match="different configuration"):
         experiment.resume(tmp_path, progress=False, echo=lambda *_: None)
-
-
-def _fake(matrix, seed):
-    from lifelong import results
-    bpb = [[v * 2 for v in row] for row in matrix]
-    return results.assemble(["a", "b"], ["init", "after:a", "after:b"], matrix, bpb, [4, 4, 4],
-                            domain_info=[], flops_per_token=1, params={}, config={"seed": seed})
-
-
-def test_aggregate_seeds_averages_matrices_and_reports_spread():
-    r0 = _fake([[5.0, 5.0], [2.0, 4.0], [3.0, 1.0]], 0)   # bwt -1, fwt 1
-    r1 = _fake([[5.0, 5.0], [2.0, 4.0], [4.0, 1.0]], 1)   # bwt -2, fwt 1
-    agg = experiment.aggregate_seeds([r0, r1], [0, 1])
-    assert agg["loss_matrix"] == [[5.0, 5.0], [2.0, 4.0], [3.5, 1.0]]
-    assert agg["bwt"] == pytest.approx(-1.5)  # recomputed from the mean matrix
-    assert agg["over_seeds"]["bwt"] == {"mean": -1.5, "std": pytest.approx(0.5 ** 0.5), "values": [-1.0, -2.0]}
-    assert agg["over_seeds"]["fwt"]["std"] == 0.0
-    assert agg["over_seeds"]["bpb_bwt"]["values"] == [-2.0, -4.0]
-    assert agg["over_seeds"]["forgetting/a"]["values"] == [1.0, 2.0]
-    assert agg["seeds"] == [0, 1] and agg["runs"] == ["seed-0", "seed-1"]
-
-
-def test_seeds_run_and_resume(tmp_path):
-    from lifelong import cli
-    out = tmp_path / "multi"
-    args = ["run", "--preset", "smoke", "--out", str(out), "--no-progress", "--seeds", "3,4",
-            "--set", "stream.train_tokens=2048", "--set", "stream.test_tokens=1024"]
-    assert cli.main(args) == 0
-    first = json.loads((out / "results.json").read_text())
-    assert first["seeds"] == [3, 4] and (out / "seed-3" / "results.json").is_file()
-    seed4 = json.loads((out / "seed-4" / "results.json").read_text())
-    assert seed4["config"]["seed"] == 4
-    # Interrupt seed 4 after its init stage: resume finishes it and re-aggregates identically.
-    for ckpt in sorted((out / "seed-4" / "checkpoints").iterdir()):
-        shutil.rmtree(ckpt)
-    experiment.run(resolve("smoke", overrides=["stream.train_tokens=2048", "stream.test_tokens=1024", "seed=4",
-                                               "checkpoint.keep=9"]), tmp_path / "ref", progress=False,
-                   echo=lambda *_: None)
-    shutil.rmtree(out / "seed-4")
-    shutil.copytree(tmp_path / "ref", out / "seed-4")
-    for name in ("results.json", "run_info.json"):
-        (out / "seed-4" / name).unlink()
-    for ckpt in sorted((out / "seed-4" / "checkpoints").iterdir())[1:]:
-        shutil.rmtree(ckpt)
-    assert cli.main(["run", "--resume", str(out), "--no-progress"]) == 0
-    again = json.loads((out / "results.json").read_text())
-    assert again["loss_matrix"] == first["loss_matrix"]
 
 
 # ---- checkpoints inside an experience (checkpoint.every_steps) --------------------------------
@@ -151,14 +105,14 @@ def _run_cut_at(cfg, out, step, monkeypatch):
             if strategy.is_update_step and strategy.optimizer_steps == step:
                 raise _Crash()
 
-    build = experiment.Run.__init__
+    build = experiment.RunSession.__init__
 
     def build_and_arm(self, *args, **kwargs):
         build(self, *args, **kwargs)
         self.strategy.plugins.append(CrashAt())
 
     with monkeypatch.context() as patch:
-        patch.setattr(experiment.Run, "__init__", build_and_arm)
+        patch.setattr(experiment.RunSession, "__init__", build_and_arm)
         with pytest.raises(_Crash):
             experiment.run(cfg, out, progress=False, echo=lambda *_: None)
 
@@ -245,7 +199,7 @@ def test_rollback_restarts_from_the_last_checkpoint_with_a_lower_learning_rate(t
 
 
 def test_rollback_gives_up_after_its_retries(tmp_path):
-    from lifelong.plugins import TrainingDiverged
+    from lifelong.errors import TrainingDiverged
 
     cfg = resolve("smoke", overrides=_DIVERGING + ["train.rollback=2"])
     said = []

@@ -1,6 +1,6 @@
-"""The hub stream presets: their configs (no network), and what happens offline.
+"""The named hub streams: their configs (no network), and what happens offline.
 
-The presets name public Hugging Face datasets. Tests never reach the network: the
+The hub streams name public Hugging Face datasets. Tests never reach the network: the
 configs are checked as data, the loading path is exercised on local rows shaped
 like each dataset, and "no network" is datasets' own offline mode.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scenarios import HUB_PRESETS, PRESET_NOTES, PRESETS, DomainSpec, StreamError, build_benchmark, resolve_domains
-from scenarios import sources as S
+from scenarios import HUB_STREAMS, STREAM_NOTES, STREAMS, DomainSpec, StreamError, build_benchmark, resolve_domains
+from scenarios.sources import local
 
 SMALL = dict(block_len=32, train_tokens=1024, test_tokens=256, progress=False)
 
@@ -39,9 +39,9 @@ ROWS = {
 }
 
 
-def test_every_preset_has_a_note_and_resolves_to_valid_domains():
-    assert set(PRESET_NOTES) == set(PRESETS)
-    for name in PRESETS:
+def test_every_stream_has_a_note_and_resolves_to_valid_domains():
+    assert set(STREAM_NOTES) == set(STREAMS)
+    for name in STREAMS:
         domains = resolve_domains(name)
         assert domains and all(isinstance(d, DomainSpec) for d in domains)
         assert len({d.name for d in domains}) == len(domains)
@@ -49,31 +49,31 @@ def test_every_preset_has_a_note_and_resolves_to_valid_domains():
             assert DomainSpec.coerce(d.to_dict()) == d
 
 
-def test_builtin_presets_stay_offline():
-    assert set(HUB_PRESETS) == {n for n, ds in PRESETS.items() if any(d.hf for d in ds)}
-    assert {"builtin", "smoke"}.isdisjoint(HUB_PRESETS) and len(HUB_PRESETS) >= 2
+def test_builtin_streams_stay_offline():
+    assert set(HUB_STREAMS) == {n for n, ds in STREAMS.items() if any(d.hf for d in ds)}
+    assert {"builtin", "smoke"}.isdisjoint(HUB_STREAMS) and len(HUB_STREAMS) >= 2
     for name in ("builtin", "smoke"):
-        assert all(d.builtin and not d.hf for d in PRESETS[name])
+        assert all(d.builtin and not d.hf for d in STREAMS[name])
 
 
-@pytest.mark.parametrize("preset", HUB_PRESETS)
-def test_hub_preset_configs(preset):
-    note = PRESET_NOTES[preset]
+@pytest.mark.parametrize("stream", HUB_STREAMS)
+def test_hub_stream_configs(stream):
+    note = STREAM_NOTES[stream]
     assert re.search(r"\d+(\.\d+)? ?[MKGT]B|\d+ ?(M|k) (articles|files|papers)|TB", note), "size missing"
     assert re.search(r"CC|licen[cs]e|public.domain", note, re.I), "licence missing"
-    for d in resolve_domains(preset):
+    for d in resolve_domains(stream):
         assert d.hf and "/" in d.hf and not d.path and not d.builtin
         assert d.streaming is True
         assert isinstance(d.max_tokens, int) and 100_000 <= d.max_tokens <= 100_000_000
         assert d.text_field and d.split
         assert d.hf in ROWS, f"no sample row for {d.hf}: add one shaped like the dataset"
         row = ROWS[d.hf](0)
-        assert S._lookup(row, d.text_field) is not S._MISSING
+        assert local._lookup(row, d.text_field) is not local._MISSING
         for field in d.filter or {}:
-            assert S._lookup(row, field) is not S._MISSING, f"{d.name}: filter field {field} not in rows"
+            assert local._lookup(row, field) is not local._MISSING, f"{d.name}: filter field {field} not in rows"
 
 
-def test_pile_preset_filters_one_subset_per_domain_by_nested_field():
+def test_pile_stream_filters_one_subset_per_domain_by_nested_field():
     domains = resolve_domains("hub-pile")
     subsets = [d.filter["meta.pile_set_name"] for d in domains]
     assert len(set(subsets)) == len(subsets) >= 3
@@ -111,10 +111,10 @@ def fake_hub(monkeypatch):
     return calls, served
 
 
-@pytest.mark.parametrize("preset", HUB_PRESETS)
-def test_hub_preset_builds_from_rows_shaped_like_the_datasets(preset, fake_hub, tmp_path):
+@pytest.mark.parametrize("stream", HUB_STREAMS)
+def test_hub_stream_builds_from_rows_shaped_like_the_datasets(stream, fake_hub, tmp_path):
     calls, served = fake_hub
-    specs = [dict(d.to_dict(), max_tokens=1280) for d in resolve_domains(preset)]
+    specs = [dict(d.to_dict(), max_tokens=1280) for d in resolve_domains(stream)]
     bench = build_benchmark(specs, cache_dir=tmp_path / "cache", **SMALL)
     assert bench.domains == [d["name"] for d in specs]
     for (path, name, kw), d in zip(calls, specs):
@@ -140,13 +140,13 @@ def _offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-@pytest.mark.parametrize("preset", HUB_PRESETS)
-def test_hub_preset_without_network_is_one_clear_error(preset, monkeypatch, tmp_path):
+@pytest.mark.parametrize("stream", HUB_STREAMS)
+def test_hub_stream_without_network_is_one_clear_error(stream, monkeypatch, tmp_path):
     _offline(monkeypatch)
-    first = resolve_domains(preset)[0]
+    first = resolve_domains(stream)[0]
     cache = tmp_path / "cache"
     with pytest.raises(StreamError) as err:
-        build_benchmark(preset, cache_dir=cache, **SMALL)
+        build_benchmark(stream, cache_dir=cache, **SMALL)
     msg = str(err.value)
     assert msg.startswith(f"domain '{first.name}': cannot reach the Hugging Face Hub while loading dataset "
                           f"'{first.hf}'")
@@ -154,12 +154,12 @@ def test_hub_preset_without_network_is_one_clear_error(preset, monkeypatch, tmp_
     assert cache.is_dir() and not os.listdir(cache)  # nothing half-written
 
 
-def test_cli_hub_preset_without_network_exits_2_with_one_line(monkeypatch, tmp_path, capsys):
+def test_cli_hub_stream_without_network_exits_2_with_one_line(monkeypatch, tmp_path, capsys):
     from lifelong import cli
 
     _offline(monkeypatch)
     out = tmp_path / "run"
-    code = cli.main(["run", "--preset", "smoke", "--set", "stream.preset=hub-pile", "--out", str(out),
+    code = cli.main(["run", "--preset", "smoke", "--set", "stream.name=hub-pile", "--out", str(out),
                      "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
@@ -174,7 +174,7 @@ def test_unknown_hub_name_in_a_stream_is_one_clear_error(fake_hub):
 
 
 
-def test_written_out_example_matches_the_preset():
+def test_written_out_example_matches_the_stream():
     example = Path(__file__).resolve().parents[1] / "examples" / "hub_wiki_code_science.yaml"
     domains = yaml.safe_load(example.read_text())["stream"]["domains"]
     assert resolve_domains(domains) == resolve_domains("hub-wiki-code-science")

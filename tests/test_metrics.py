@@ -1,73 +1,86 @@
-"""Section-7 metrics recomputed by hand on a small matrix, with their sign conventions."""
+"""The Avalanche metric plugins on a real strategy: token-weighted domain losses, the training loss
+every N optimizer steps, and expert usage per domain."""
 
 import math
 
 import pytest
+import torch
+import torch.nn.functional as F
+from avalanche.training.plugins import EvaluationPlugin
 
-from lifelong import metrics
+from lifelong.config import from_dict
+from lifelong.metrics import DomainLossMetric, ExpertUsageMetric, TrainLossMetric
+from lifelong.model import LanguageModel
+from lifelong.strategies import build_strategy
+from lifelong.training import build_optimizer
+from lifelong.transfer import bits_per_byte
+from scenarios import STREAMS, build_benchmark
 
-# Rows: init, after d0, after d1, after d2. Columns: d0, d1, d2. Nats per token.
-L = [[5.0, 5.0, 5.0],
-     [2.0, 4.2, 4.5],
-     [1.8, 1.0, 4.0],
-     [3.5, 2.0, 1.0]]
-
-
-def test_forgetting_uses_best_stage_since_learning():
-    # d0: 3.5 - min(2.0, 1.8) = 1.7 ; d1: 2.0 - min(1.0) = 1.0 ; the last domain is left out
-    assert metrics.forgetting(L) == pytest.approx([1.7, 1.0])
-
-
-def test_forgetting_first_last_is_avalanche_sign_corrected():
-    # Avalanche: first - last on a higher-is-better metric; for losses last - first.
-    assert metrics.forgetting_first_last(L) == pytest.approx([3.5 - 2.0, 2.0 - 1.0])
+BLOCK = 16
 
 
-def test_backward_transfer_negative_means_forgetting():
-    assert metrics.backward_transfer(L) == pytest.approx(((2.0 - 3.5) + (1.0 - 2.0)) / 2)
-    assert metrics.backward_transfer(L) < 0
+@pytest.fixture(scope="module")
+def bench():
+    """Two domains of 20 train and 5 test blocks: the last eval batch (of 4) is partial."""
+    return build_benchmark([d.to_dict() for d in STREAMS["smoke"][:2]], block_len=BLOCK, train_tokens=20 * BLOCK,
+                           test_tokens=5 * BLOCK, cache_dir=None, progress=False)
 
 
-def test_forward_transfer_positive_means_help():
-    # j=1: L[0][1] - L[1][1] = 5 - 4.2 ; j=2: L[0][2] - L[2][2] = 5 - 4
-    assert metrics.forward_transfer(L) == pytest.approx((0.8 + 1.0) / 2)
+def strategy_with(metrics, bench):
+    cfg = from_dict({"stream": {"block_len": BLOCK},
+                     "model": {"dim": 16, "n_layers": 2, "n_heads": 2,
+                               "peer": {"num_experts": 16, "heads": 2, "top_k": 2, "key_dim": 8}},
+                     "train": {"batch_size": 4, "eval_batch_size": 4, "device": "cpu", "warmup_steps": 1}})
+    torch.manual_seed(0)
+    model = LanguageModel(cfg.model, vocab_size=256, context=BLOCK)
+    evaluator = EvaluationPlugin(*metrics, loggers=[])
+    return model, build_strategy(cfg, model, build_optimizer(model, cfg), evaluator, torch.device("cpu"))
 
 
-def test_final_average_and_plasticity():
-    assert metrics.final_average(L) == pytest.approx((3.5 + 2.0 + 1.0) / 3)
-    assert metrics.plasticity(L) == pytest.approx((2.0 + 1.0 + 1.0) / 3)
+def test_domain_loss_is_token_weighted_and_rows_reach_the_stage_callback(bench):
+    rows = []
+    metric = DomainLossMetric(bench.domains, [2.0, 1.5], on_stage=lambda nats, bpb: rows.append((nats, bpb)))
+    model, strategy = strategy_with([metric], bench)
+    strategy.eval(bench.test_stream)
+    model.eval()
+    with torch.no_grad():
+        expected = []
+        for exp in bench.test_stream:
+            x = torch.stack([exp.dataset[i][0] for i in range(len(exp.dataset))])
+            y = torch.stack([exp.dataset[i][1] for i in range(len(exp.dataset))])
+            expected.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+    (nats, bpb), = rows
+    assert nats == pytest.approx(expected, rel=1e-5)
+    assert bpb == pytest.approx([bits_per_byte(n, b) for n, b in zip(expected, [2.0, 1.5])])
+    assert metric.stage == 1 and metric.result() == dict(zip(bench.domains, nats))
 
 
-def test_no_forgetting_when_nothing_changes():
-    flat = [[3.0, 3.0]] * 3
-    assert metrics.forgetting(flat) == [0.0]
-    assert metrics.backward_transfer(flat) == 0.0
-    assert metrics.forward_transfer(flat) == 0.0
+def test_train_loss_is_reported_every_n_optimizer_steps_with_the_learning_rate(bench):
+    metric = TrainLossMetric(every=2, aux_metrics=lambda: {"blocks.1.ffn/x": 1.0})
+    _, strategy = strategy_with([metric], bench)
+    emitted = []
+    original = metric.after_training_iteration
+    metric.after_training_iteration = lambda s: emitted.append(original(s))
+    strategy.train(bench.train_stream[0])
+    values = [v for batch in emitted if batch for v in batch]
+    steps = math.ceil(20 / 4)
+    assert metric.step == steps and len(values) == 3 * (steps // 2)
+    names = {v.name for v in values}
+    assert names == {"Loss_MB/train_phase/train_stream", "LR/train_phase", "Aux_MB/train_phase/blocks.1.ffn/x"}
+    assert all(v.x_plot in (2, 4) for v in values)
 
 
-def test_single_domain_has_no_transfer():
-    assert metrics.backward_transfer([[5.0], [2.0]]) is None
-    assert metrics.forward_transfer([[5.0], [2.0]]) is None
-    assert metrics.forgetting([[5.0], [2.0]]) == []
-
-
-def test_summarize_keys_forgetting_by_domain():
-    s = metrics.summarize(L, ["a", "b", "c"])
-    assert s["forgetting"] == pytest.approx({"a": 1.7, "b": 1.0})
-    assert set(s) == {"forgetting", "forgetting_first_last", "bwt", "fwt", "final_average", "plasticity"}
-
-
-def test_matrix_shape_is_checked():
-    with pytest.raises(ValueError, match="stage-by-domain"):
-        metrics.forgetting([[1.0, 2.0], [1.0, 2.0]])
-
-
-def test_bits_per_byte():
-    assert metrics.bits_per_byte(math.log(2), 1.0) == pytest.approx(1.0)
-    assert metrics.bits_per_byte(math.log(2) * 4, 4.0) == pytest.approx(1.0)
-
-
-def test_joint_matrix_has_only_a_final_average():
-    s = metrics.summarize([[5.0, 5.0, 5.0], [1.0, 2.0, 3.0]], ["a", "b", "c"])
-    assert s["final_average"] == pytest.approx(2.0)
-    assert s["bwt"] is None and s["fwt"] is None and s["forgetting"] == {} and s["plasticity"] is None
+def test_expert_usage_per_domain_and_overlap(bench):
+    seen = []
+    model_box = {}
+    metric = ExpertUsageMetric(lambda: model_box["m"].expert_layers(), bench.domains,
+                               on_stage=lambda stats, counts: seen.append((stats, counts)))
+    model, strategy = strategy_with([metric], bench)
+    model_box["m"] = model
+    strategy.eval(bench.test_stream)
+    (stats, counts), = seen
+    layer = stats["blocks.1.ffn"]
+    assert layer["num_experts"] == 16 and len(layer["usage"]) == 2
+    assert all(0 < u <= 1 for u in layer["usage"]) and layer["overlap"][0][0] == 1.0
+    assert counts["blocks.1.ffn"][bench.domains[0]].shape == (2, 16)
+    assert all(layer.usage_counter is None for layer in model.expert_layers().values())

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from experts import PEER, DenseFFN, MoE
-from lifelong.config import ModelConfig, PEERConfig
-from lifelong.model import LanguageModel
+from lifelong.model import LanguageModel, ModelConfig, PEERConfig
 
 
 def tiny(**kw) -> ModelConfig:
@@ -71,7 +70,7 @@ def test_aux_loss_is_zero_without_moe_and_positive_with_it():
 
 
 def test_iso_presets_match_compute_within_10_percent():
-    from lifelong.config import resolve
+    from lifelong.presets import resolve
 
     totals = {}
     for preset in ("iso-dense", "iso-moe", "iso-peer"):
@@ -80,3 +79,9 @@ def test_iso_presets_match_compute_within_10_percent():
         totals[preset] = sum(model.flops_per_token().values())
         assert {"iso-dense": DenseFFN, "iso-moe": MoE, "iso-peer": PEER}[preset] in {type(f) for f in model.ffns()}
     assert max(totals.values()) <= 1.1 * min(totals.values()), totals
+
+
+def test_special_layers():
+    assert ModelConfig(n_layers=5).special_layers() == [2]
+    assert ModelConfig(n_layers=4, ffn_layers="all").special_layers() == [0, 1, 2, 3]
+    assert ModelConfig(n_layers=4, ffn_layers="3, 1").special_layers() == [1, 3]

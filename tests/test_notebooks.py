@@ -32,7 +32,7 @@ RUNS = {
 def smoke_runs(tmp_path_factory) -> dict[str, Path]:
     """Finished smoke runs: PEER without growth or curves, PEER with growth and curves, dense, MoE with growth."""
     from lifelong import experiment
-    from lifelong.config import resolve
+    from lifelong.presets import resolve
 
     root = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as mp:  # the session's stream cache (conftest), not the user's

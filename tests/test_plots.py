@@ -1,69 +1,15 @@
-"""lifelong.plots on small hand-made runs: the numbers behind each figure, and what gets drawn."""
+"""lifelong.plots on the small hand-made runs of tests/test_analysis.py: what gets drawn."""
 
 from __future__ import annotations
-
-import math
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from matplotlib.patches import Rectangle
+from toy_runs import LN2, L, expert_run, results, summary
 
 from lifelong import plots
-from lifelong.runs import Run
-
-LN2 = math.log(2)
-L = [[5.0, 5.0], [2.0, 4.0], [3.0, 1.0]]  # 2 domains: a forgets 1 nat, FWT to b is 1 nat
-
-
-def summary(scale: float = 1.0) -> dict:
-    """Section-7 figures of L, worked out by hand (forgetting_a = 3 - 2, BWT = 2 - 3, FWT = 5 - 4)."""
-    return {"forgetting": {"a": 1.0 * scale}, "forgetting_first_last": {"a": 1.0 * scale},
-            "bwt": -1.0 * scale, "fwt": 1.0 * scale, "final_average": 2.0 * scale, "plasticity": 1.5 * scale}
-
-
-def results(**extra) -> dict:
-    res = {"domains": ["a", "b"], "stages": ["init", "after:a", "after:b"], "loss_matrix": L,
-           "bpb_matrix": [[v / LN2 for v in row] for row in L], **summary(), "bpb_summary": summary(1 / LN2),
-           "num_experts": [4, 4, 6], "growth_events": [], "config": {}}
-    res.update(extra)
-    return res
-
-
-def expert_run(**extra) -> Run:
-    """A PEER-like layer "L": 2 x 2 grid (n2 = 2), one head, top-2; growth adds a row (ids 4, 5)
-    while learning b, so generation 1 first appears at stage 2."""
-    stats = {"num_experts": [4, 4, 6],
-             "usage": [[1.0, 1.0], [0.5, 0.75], [0.5, 0.5]], "unevenness": [[0.0, 0.0], [0.7, 0.3], [0.6, 0.9]],
-             "usage_all": [1.0, 0.75, 0.67], "unevenness_all": [0.0, 0.2, 0.4],
-             "overlap": [[[1, 1], [1, 1]], [[1, 0.5], [0.5, 1]], [[1, 0.25], [0.25, 1]]],
-             "top_experts": [[[0], [1]]] * 3}
-    fields = {"experts": {"L": stats}, "domain_info": [{"train_blocks": 32}, {"train_blocks": 30}],
-              "growth_events": [{"step": 8, "experience": 1, "domain": "b", "layer": "L", "reason": "boundary",
-                                 "init": "kmeans", "added": 2, "num_experts": 6, "output_change": 0.0}],
-              "config": {"train": {"batch_size": 4, "grad_accum": 1, "epochs": 1}, "strategy": {"name": "naive"},
-                         "model": {"ffn": "peer"}}}
-    res = results(**{**fields, **extra})
-    routes = [
-        {"a": [[[0, 1]], [[2, 3]]], "b": [[[0, 1]], [[0, 1]]]},
-        {"a": [[[1, 0]], [[2, 1]]], "b": [[[0, 1]], [[0, 1]]]},  # a: token 1 swapped expert 3 for 1
-        {"a": [[[4, 0]], [[2, 5]]], "b": [[[0, 1]], [[0, 1]]]},  # a: half the ids changed, both to new experts
-    ]
-    usage = [{"a": [[1, 1, 1, 1]], "b": [[1, 1, 1, 1]]}, {"a": [[1, 1, 0, 0]], "b": [[0, 1, 1, 2]]},
-             {"a": [[1, 1, 0, 0, 2, 0]], "b": [[0, 0, 0, 1, 0, 3]]}]
-    generation = [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 1, 1]]
-    keys1 = [np.arange(4, dtype=np.float32).reshape(1, 2, 2), np.arange(4, dtype=np.float32).reshape(1, 2, 2),
-             np.array([[[0, 0], [1, 0], [5, 5]]], np.float32)]
-    snapshots = []
-    for s in range(3):
-        snap = {"generation/L": np.array(generation[s]), "keys1/L": keys1[s],
-                "keys2/L": np.zeros((1, 2, 2), np.float32)}
-        for d in "ab":
-            snap[f"routes/L/{d}"] = np.array(routes[s][d], np.int32)
-            snap[f"usage/L/{d}"] = np.array(usage[s][d], np.float32)
-        snapshots.append(snap)
-    curves = {f"Curve/test_stream/{d}": ([4, 8, 12], [4.0, 3.0, 2.5]) for d in "ab"}
-    return Run.from_data(res, name="toy", metrics=curves, snapshots=snapshots)
+from lifelong.runs import RunRecord
 
 
 @pytest.fixture(autouse=True)
@@ -113,17 +59,6 @@ def test_forgetting_and_transfer_bars_explain_joint_training_instead_of_failing(
     assert "not defined" in plots.transfer_bars(joint).texts[0].get_text()
 
 
-def test_transfer_components_average_to_the_metric_definitions():
-    from lifelong import metrics
-
-    matrix = np.random.default_rng(0).uniform(1, 5, size=(5, 4))
-    bwt, fwt = plots.transfer_components(matrix)
-    assert bwt[-1] is None and fwt[0] is None
-    assert np.mean(bwt[:-1]) == pytest.approx(metrics.backward_transfer(matrix))
-    assert np.mean(fwt[1:]) == pytest.approx(metrics.forward_transfer(matrix))
-    assert plots.transfer_components(matrix[:2]) == ([None] * 4, [None] * 4)  # joint: undefined
-
-
 def test_transfer_bars_draw_each_domains_terms():
     ax = plots.transfer_bars(results(), unit="nats")
     assert bar_heights(ax, "BWT term")[0] == -1.0 and np.isnan(bar_heights(ax, "BWT term")[1])
@@ -161,7 +96,7 @@ def test_learning_curves_mark_boundaries_growth_and_stage_evaluations():
 
 
 def test_learning_curves_without_curves_or_step_counts_use_stage_indices():
-    run = Run.from_data(results())
+    run = RunRecord.from_data(results())
     ax = plots.learning_curves(run)
     assert [list(line.get_xdata()) for line in ax.lines] == [[0, 1, 2]] * 2
     assert "stage evaluations only" in ax.get_title()
@@ -176,43 +111,10 @@ def test_learning_curves_with_curves_but_unknown_steps_leave_stages_out():
     assert "no stage evaluations" in ax.get_title() and ax.get_xlabel() == "optimizer step"
 
 
-def test_expert_bin_usage_normalises_rows_and_respects_breaks():
-    usage = {"a": np.array([[1, 1, 0, 0, 2, 0]]), "b": np.array([[0, 0, 0, 1, 0, 3]]), "c": np.zeros((1, 6))}
-    share, edges = plots.expert_bin_usage(usage, bins=2, breaks=[4])
-    assert edges.tolist() == [0, 3, 4, 6]
-    assert share.tolist() == [[0.5, 0.0, 0.5], [0.0, 0.25, 0.75], [0.0, 0.0, 0.0]]
-
-
-def test_traffic_by_generation_and_later_share():
-    run = expert_run()
-    gens, share = plots.traffic_by_generation(run, "L", stage=2)
-    assert gens == [0, 1] and share.tolist() == [[0.5, 0.5], [0.25, 0.75]]
-    later = plots.later_traffic_share(run, "L")
-    # only a has a later domain (b), whose experts exist from stage 2 on
-    assert np.isnan(later[:2]).all() and later[2, 0] == 0.5 and np.isnan(later[2, 1])
-
-
-def test_routing_drift_counts_changed_and_new_ids():
-    drift = plots.routing_drift(expert_run(), "L")
-    assert drift["changed"][:, 0].tolist() == [0.25, 0.5]
-    assert drift["to_new"][:, 0].tolist() == [0.0, 0.5]
-    assert drift["changed"][:, 1].tolist() == [0.0, 0.0]  # b's routes never moved
-
-
 def test_drift_plot_shows_only_domains_already_learned():
     ax = plots.drift_plot(expert_run(), "L")
     assert sorted(line.get_label() for line in ax.lines) == ["a: changed", "a: to new experts"]
     assert list(ax.lines[0].get_xdata()) == [2]  # a is old only from stage 1 to stage 2
-
-
-def test_subkey_points_of_peer_rows_and_moe_routers():
-    run = expert_run()
-    points, generation, what = plots.subkey_points(run, "L", stage=2)
-    assert points.shape == (3, 2) and generation.tolist() == [0, 0, 1] and "sub-key" in what
-    moe = Run.from_data(results(), snapshots=[{"generation/M": np.array([0, 0, 1]),
-                                               "router/M": np.eye(3, 4, dtype=np.float32)}])
-    points, generation, what = plots.subkey_points(moe, "M", stage=0)
-    assert points.shape == (3, 4) and generation.tolist() == [0, 0, 1] and "router" in what
 
 
 def test_subkey_pca_colours_by_generation():

@@ -7,16 +7,11 @@ from avalanche.training.plugins import EvaluationPlugin
 
 from lifelong.config import from_dict
 from lifelong.model import LanguageModel
-from lifelong.plugins import (
-    CumulativePlugin,
-    LMDistillPlugin,
-    WarmupCosinePlugin,
-    distill_kl,
-    steps_per_experience,
-    warmup_cosine,
-)
-from lifelong.strategies import build_optimizer, build_strategy, stream_steps
-from scenarios import PRESETS, build_benchmark
+from lifelong.plugins import CumulativePlugin, LMDistillPlugin, WarmupCosinePlugin, distill_kl, warmup_cosine
+from lifelong.strategies import build_strategy, stream_steps
+from lifelong.training import build_optimizer
+from lifelong.transfer import steps_per_experience
+from scenarios import STREAMS, build_benchmark
 
 BLOCK = 32
 
@@ -41,7 +36,7 @@ def test_no_warmup():
 @pytest.fixture(scope="module")
 def bench():
     """Two real-text domains of 32 train blocks each."""
-    return build_benchmark([d.to_dict() for d in PRESETS["smoke"][:2]], block_len=BLOCK, train_tokens=1024,
+    return build_benchmark([d.to_dict() for d in STREAMS["smoke"][:2]], block_len=BLOCK, train_tokens=1024,
                            test_tokens=256, cache_dir=None, progress=False)
 
 
@@ -90,7 +85,7 @@ def test_steps_per_experience_counts_the_optimizer_steps_taken(bench, batch_size
     strategy.train(bench.train_stream[0])
     n = len(bench.train_stream[0].dataset)
     micro = batch_size // grad_accum
-    assert len(recorder.lrs) == steps_per_experience(n, cfg) == math.ceil(math.ceil(n / micro) / grad_accum) * epochs
+    assert len(recorder.lrs) == steps_per_experience(n, batch_size, grad_accum, epochs) == math.ceil(math.ceil(n / micro) / grad_accum) * epochs
 
 
 def test_schedule_counts_optimizer_steps_and_rewarms_per_experience(bench):
@@ -100,7 +95,7 @@ def test_schedule_counts_optimizer_steps_and_rewarms_per_experience(bench):
     recorder = StepRecorder(optimizer, model)
     for exp in bench.train_stream:
         strategy.train(exp)
-    total = steps_per_experience(32, cfg)  # 6 optimizer steps over 11 micro-batches
+    total = steps_per_experience(32, 6, 2)  # 6 optimizer steps over 11 micro-batches
     expected = [warmup_cosine(i, total, 2, 0.1) for i in range(total)] * 2
     assert len(recorder.lrs) == len(expected) == 12
     for (decay, no_decay, experts), scale in zip(recorder.lrs, expected):
@@ -200,7 +195,8 @@ def test_cumulative_plugin_trains_on_earlier_experiences_first(bench):
 def test_finite_loss_plugin_stops_before_a_step_with_a_non_finite_gradient():
     from types import SimpleNamespace
 
-    from lifelong.plugins import FiniteLossPlugin, TrainingDiverged
+    from lifelong.errors import TrainingDiverged
+    from lifelong.plugins import FiniteLossPlugin
 
     model = torch.nn.Linear(3, 2)
     model.weight.grad = torch.zeros_like(model.weight)

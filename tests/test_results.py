@@ -1,4 +1,3 @@
-import json
 import math
 
 import pytest
@@ -16,23 +15,6 @@ def test_assemble_recomputes_every_figure_from_its_matrices():
     assert res["fwt"] == pytest.approx(1.0)
     assert res["bpb_summary"]["bwt"] == pytest.approx(-1.0 / math.log(2))
     assert res["extra"] == 1 and res["num_experts"] == [16, 16, 16]
-
-
-def test_write_json_atomic_replaces_whole_file(tmp_path):
-    path = tmp_path / "results.json"
-    results.write_json_atomic(path, {"a": 1})
-    results.write_json_atomic(path, {"b": [1, 2]})
-    assert json.loads(path.read_text()) == {"b": [1, 2]}
-    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
-
-
-def test_write_json_atomic_keeps_old_file_on_failure(tmp_path):
-    path = tmp_path / "results.json"
-    results.write_json_atomic(path, {"a": 1})
-    with pytest.raises(TypeError):
-        results.write_json_atomic(path, {"bad": object()})
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert len(list(tmp_path.iterdir())) == 1
 
 
 def test_format_table_shows_matrix_and_summary():

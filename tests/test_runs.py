@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from lifelong import runs
-from lifelong.runs import Run, experience_steps, expert_layers, find_runs, load_run, load_runs
+from lifelong.runs import RunRecord, experience_steps, expert_layers, find_runs, load_run, load_runs
 
 DOMAINS = ["a", "b"]
 
@@ -122,23 +122,26 @@ def test_experience_steps_follow_the_strategy():
     assert experience_steps({"config": {}, "domain_info": []}) is None
 
 
-@pytest.mark.parametrize("blocks,batch,accum,epochs", [(256, 16, 1, 1), (37, 8, 2, 2), (5, 16, 4, 3), (64, 6, 3, 1)])
-def test_steps_per_experience_matches_the_training_loop_rule(blocks, batch, accum, epochs):
-    from lifelong.plugins import steps_per_experience
+def test_growth_steps_and_stage_steps():
+    events = [{"step": 16, "layer": "y", "added": 4}, {"step": 8, "layer": "x", "added": 2},
+              {"step": 16, "layer": "x", "added": 2}]
+    run = RunRecord.from_data({"domains": DOMAINS, "stages": ["init", "after:a", "after:b"], "growth_events": events,
+                               "experience_steps": [8, 9]})
+    assert run.growth_steps() == {8: 2, 16: 6} and list(run.growth_steps()) == [8, 16]  # in step order
+    assert run.boundaries() == [8, 17] and run.stage_steps() == [0, 8, 17]
+    assert RunRecord.from_data({**run.results, "experience_steps": [8]}).stage_steps() is None  # does not fit
+    assert RunRecord.from_data({**run.results, "experience_steps": None}).stage_steps() is None  # unknown
 
-    cfg = SimpleNamespace(train=SimpleNamespace(batch_size=batch, grad_accum=accum, epochs=epochs))
-    assert runs.steps_per_experience(blocks, vars(cfg.train)) == steps_per_experience(blocks, cfg)
 
-
-@pytest.mark.parametrize("strategy", ["naive", "cumulative", "joint"])
-def test_experience_steps_sum_to_the_strategies_stream_steps(strategy):
-    from lifelong.config import resolve
-    from lifelong.strategies import stream_steps
-
-    cfg = resolve("smoke", overrides=[f"strategy.name={strategy}", "train.grad_accum=2", "train.epochs=2"])
-    blocks = [37, 16, 50]
-    results = {"config": cfg.to_dict(), "domain_info": [{"train_blocks": b} for b in blocks]}
-    assert sum(experience_steps(results)) == stream_steps(cfg, blocks)
+def test_readers_load_neither_torch_nor_avalanche():
+    code = ("import sys\n"
+            "import lifelong.runs, lifelong.analysis, lifelong.report\n"
+            "heavy = ('torch', 'avalanche', 'matplotlib')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+            "import lifelong.plots\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy[:2]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["[]", "[]"]  # and the numbers behind the figures need no matplotlib
 
 
 def test_expert_layers_skips_and_explains(tmp_path):
@@ -157,8 +160,8 @@ def test_expert_layers_skips_and_explains(tmp_path):
 
 def test_expert_layers_needing_growth_skips_runs_without_it():
     snapshot = {"generation/L": np.zeros(2, np.int64)}
-    run = Run.from_data({"domains": DOMAINS, "stages": ["init"], "experts": {"L": {}},
-                         "config": {"growth": {"schedule": "none"}}}, name="flat", snapshots=[snapshot])
+    run = RunRecord.from_data({"domains": DOMAINS, "stages": ["init"], "experts": {"L": {}},
+                               "config": {"growth": {"schedule": "none"}}}, name="flat", snapshots=[snapshot])
     messages = []
     assert list(expert_layers([run], echo=messages.append)) == [(run, "L")]
     assert list(expert_layers([run], need_growth=True, echo=messages.append)) == []

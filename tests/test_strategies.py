@@ -13,15 +13,15 @@ from lifelong.config import STRATEGIES, ConfigError, from_dict
 from lifelong.metrics import DomainLossMetric
 from lifelong.model import LanguageModel
 from lifelong.strategies import (
-    LMCriterion,
-    build_optimizer,
+    STRATEGY_PLUGINS,
     build_strategy,
     is_joint,
     load_strategy_state,
     replay_sizes,
     strategy_state_dict,
 )
-from scenarios import PRESETS, build_benchmark
+from lifelong.training import LMCriterion, build_optimizer
+from scenarios import STREAMS, build_benchmark
 
 BLOCK = 32
 
@@ -29,7 +29,7 @@ BLOCK = 32
 @pytest.fixture(scope="module")
 def bench():
     """Two real-text domains, 32 train blocks (4 optimizer steps of 8) and 8 test blocks each."""
-    return build_benchmark([d.to_dict() for d in PRESETS["smoke"][:2]], block_len=BLOCK, train_tokens=1024,
+    return build_benchmark([d.to_dict() for d in STREAMS["smoke"][:2]], block_len=BLOCK, train_tokens=1024,
                            test_tokens=256, cache_dir=None, progress=False)
 
 
@@ -39,8 +39,8 @@ def tiny_cfg(name="naive", model=None, strategy=None, **train):
         "model": {"dim": 32, "n_layers": 2, "n_heads": 2,
                   "peer": {"num_experts": 64, "heads": 2, "top_k": 4, "key_dim": 16}, **(model or {})},
         "train": {"batch_size": 8, "eval_batch_size": 16, "warmup_steps": 1, "device": "cpu", **train},
-        "strategy": {"name": name, "replay": {"buffer_tokens": 16 * BLOCK}, "agem_patterns": 8,
-                     "agem_sample_size": 4, **(strategy or {})},
+        "strategy": {"name": name, "replay": {"buffer_tokens": 16 * BLOCK},
+                     "agem": {"patterns": 8, "sample_size": 4}, **(strategy or {})},
     })
 
 
@@ -163,7 +163,7 @@ def test_agem_keeps_a_memory_per_experience_and_projects(bench):
 @pytest.mark.parametrize("name, train", [(name, {}) for name in STRATEGIES]
                          + [("replay", {"grad_accum": 2, "rewarm": False}), ("ewc", {"rewarm": False})])
 def test_state_round_trip_resumes_exactly(bench, name, train):
-    cfg = tiny_cfg(name, strategy={"ewc_mode": "online"} if name == "ewc" and train else None, **train)
+    cfg = tiny_cfg(name, strategy={"ewc": {"mode": "online"}} if name == "ewc" and train else None, **train)
     model, optimizer, _, _, strategy = make_run(cfg, seed=0)
     strategy.train(bench.train_stream[0])
     buffer = io.BytesIO()
@@ -256,7 +256,16 @@ def test_criterion_flattens_tokens_and_aux_loss_joins_in_training_only():
 
 
 def test_refused_combinations():
+    # refused by the config itself, before anything is built
     with pytest.raises(ConfigError, match="grad_accum"):
-        make_run(tiny_cfg("agem", batch_size=8, grad_accum=2))
+        tiny_cfg("agem", batch_size=8, grad_accum=2)
     with pytest.raises(ConfigError, match="buffer_tokens"):
-        make_run(tiny_cfg("replay", strategy={"replay": {"buffer_tokens": BLOCK - 1}}))
+        tiny_cfg("replay", strategy={"replay": {"buffer_tokens": BLOCK - 1}})
+
+
+def test_every_configurable_strategy_has_its_plugins():
+    assert set(STRATEGY_PLUGINS) == set(STRATEGIES)
+    for name in STRATEGIES:
+        plugins = STRATEGY_PLUGINS[name](tiny_cfg(name), None)
+        assert all(isinstance(p, SupervisedPlugin) for p in plugins)
+        assert (plugins == []) == (name in ("naive", "joint"))

@@ -49,7 +49,7 @@ def test_a_training_step_needs_no_avalanche():
     """benchmarks/train_step.py and loops of one's own build model, optimizer and loss without it."""
     code = ("import sys; sys.modules['avalanche'] = None\n"
             "import torch, scenarios, lifelong.training as t\n"
-            "from lifelong.config import resolve\n"
+            "from lifelong.presets import resolve\n"
             "from lifelong.model import LanguageModel\n"
             "cfg = resolve('smoke')\n"
             "m = LanguageModel(cfg.model, vocab_size=scenarios.get_tokenizer('byte').vocab_size, context=8)\n"
