@@ -36,7 +36,13 @@ def check(res: dict) -> list[str]:
         same(f"forgetting[{domains[j]}]", res["forgetting"][domains[j]], want)
     if T > 1:
         same("bwt", res["bwt"], sum(L[j + 1][j] - L[T][j] for j in range(T - 1)) / (T - 1))
-        same("fwt", res["fwt"], sum(L[0][j] - L[j][j] for j in range(1, T)) / (T - 1))
+        fwt = res["fwt_gem"] if "fwt_gem" in res else res["fwt"]  # "fwt" in runs of earlier versions
+        same("fwt_gem", fwt, sum(L[0][j] - L[j][j] for j in range(1, T)) / (T - 1))
+    for key, matrix in (("loss_interval", L), ("bpb_interval", res["bpb_matrix"])):
+        for s, (row, intervals) in enumerate(zip(matrix, res.get(key) or [])):
+            for j, (value, (lo, hi)) in enumerate(zip(row, intervals)):
+                if not lo <= value <= hi:
+                    problems.append(f"{key}[{s}][{j}] = [{lo}, {hi}] does not contain {value}")
     bytes_per_token = [info["bytes_per_token"] for info in res["domain_info"]]
     for s, (row, bpb_row) in enumerate(zip(L, res["bpb_matrix"])):
         for j, (loss, bpb) in enumerate(zip(row, bpb_row)):

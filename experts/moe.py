@@ -224,9 +224,17 @@ class MoE(nn.Module):
                 self.usage_counter.grow_to(self.num_experts)
             self.usage_counter.update(gates_TK.detach(), index_TK)
         y_TD, dropped_fraction = self._dispatch(x_TD, gates_TK, index_TK)
-        self._metrics = {"balance_loss": float(balance.detach()), "z_loss": float(z.detach()),
-                         "dropped_fraction": float(dropped_fraction)}
+        if self.training:  # an evaluation forward between training steps must not overwrite them
+            self._metrics = {"balance_loss": float(balance.detach()), "z_loss": float(z.detach()),
+                             "dropped_fraction": float(dropped_fraction)}
         return self.dropout(y_TD).reshape(x.shape)
+
+    def __getstate__(self):
+        # The last training forward's auxiliary loss belongs to its autograd graph, which
+        # deepcopy cannot copy (a distillation teacher, a checkpoint): copies start without it.
+        state = super().__getstate__()
+        state["_aux"] = None
+        return state
 
     # ---- growth (docs/growth.md) ---------------------------------------------------------------
     def grow(self, n: int, optimizer=None, warmup_steps: int = 100, inputs=None,
@@ -318,7 +326,7 @@ class MoE(nn.Module):
         return self._aux
 
     def aux_metrics(self) -> dict[str, float]:
-        """{'balance_loss', 'z_loss', 'dropped_fraction'} of the last forward (train or eval)."""
+        """{'balance_loss', 'z_loss', 'dropped_fraction'} of the last training forward."""
         return dict(self._metrics)
 
     def _expert_params(self) -> int:

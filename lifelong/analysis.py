@@ -26,6 +26,16 @@ def max_forgetting(summary: dict) -> float | None:
     return max((summary.get("forgetting") or {}).values(), default=None)
 
 
+def summary_figure(summary: dict, key: str) -> float | None:
+    """One figure of a summary (`transfer.summarize`), also for runs of earlier versions (which
+    named GEM's forward transfer "fwt" and did not record max_forgetting)."""
+    if key == "max_forgetting" and key not in summary:
+        return max_forgetting(summary)
+    if key == "fwt_gem" and key not in summary:
+        return summary.get("fwt")
+    return summary.get(key)
+
+
 # ---------------------------------------------------------------------------------------------
 # Stages and generations
 

@@ -40,7 +40,8 @@ def stream_arguments(cfg: RunConfig) -> dict:
     cache_dir = None if s.cache_dir is None else os.path.expanduser(os.environ.get("LIFELONG_CACHE", s.cache_dir))
     return dict(spec=list(s.domains) if s.domains else s.name, block_len=s.block_len,
                 train_tokens=s.train_tokens, test_tokens=s.test_tokens, test_fraction=s.test_fraction,
-                seed=cfg.seed, order=s.order, tokenizer=s.tokenizer, cache_dir=cache_dir)
+                seed=cfg.seed, order=s.order, tokenizer=s.tokenizer, cache_dir=cache_dir,
+                lossy_tokenizer=s.lossy_tokenizer)
 
 
 def load_stream(cfg: RunConfig):

@@ -43,6 +43,7 @@ class Progress:
     stages: list[str] = field(default_factory=list)
     loss_rows: list[list[float]] = field(default_factory=list)
     bpb_rows: list[list[float]] = field(default_factory=list)
+    block_losses: list[list[list[float]]] = field(default_factory=list)  # [stage][domain][test block], nats
     num_experts: list[int] = field(default_factory=list)
     expert_stats: list[dict] = field(default_factory=list)
     experience_steps: list[int] = field(default_factory=list)  # optimizer steps taken in each experience

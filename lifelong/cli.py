@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     report.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     report.add_argument("--png", metavar="FILE", help="also save the runs' bpb matrices side by side")
+    report.add_argument("--no-paired", action="store_true",
+                        help="no paired differences against the first run (they need the same test blocks)")
 
     flops = sub.add_parser("flops", help="FLOPs and parameters per token of a configured model")
     _config_args(flops)
@@ -158,7 +160,8 @@ def cmd_report(args) -> int:
     from lifelong.report import main_report
 
     try:
-        print(main_report(args.runs, markdown=args.markdown, csv_path=args.csv, png_path=args.png))
+        print(main_report(args.runs, markdown=args.markdown, csv_path=args.csv, png_path=args.png,
+                          pair=not args.no_paired))
     except ValueError as err:  # a path that is not a finished run
         raise ConfigError(str(err)) from None
     return 0

@@ -54,6 +54,9 @@ class StreamConfig:
     """Domain order: "given" or "shuffle" (by the run's seed)."""
     tokenizer: str = "byte"
     """"byte" (256 symbols) or a local Hugging Face tokenizer name or path."""
+    lossy_tokenizer: bool = False
+    """Accept a tokenizer that does not give the text back (lowercasing, accent stripping, unknown
+    tokens); bits per byte then still divides by the raw text's bytes, which the model never saw."""
     cache_dir: str | None = "~/.cache/lifelong-experts"
     """Where tokenised blocks are cached (null disables the cache)."""
 
@@ -271,14 +274,23 @@ class GrowthConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation beyond the stage x domain matrix."""
+    """Evaluation beyond the stage x domain matrix: learning curves, intervals, references."""
 
     curve_every: int = 25
     """Every this many optimizer steps, log each domain's loss on a few fixed test blocks
     (`Curve/test_stream/DOMAIN` in metrics.csv): learning curves across the stream. 0 = off."""
+    bootstrap_samples: int = 1000
+    """Resamplings of each domain's test blocks for the intervals of results.json (0 = none)."""
+    interval_level: float = 0.95
+    """Coverage of every interval (percentile bootstrap over test blocks; Student t over seeds)."""
+    reference: Literal["none", "scratch"] = "none"
+    """"scratch": also train, once per domain, the same model on that domain alone (cached by config
+    hash) for the forward transfer measured against it (fwt_zero_shot, fwt_auc)."""
 
     def __post_init__(self) -> None:
-        check_non_negative("eval", curve_every=self.curve_every)
+        check_non_negative("eval", curve_every=self.curve_every, bootstrap_samples=self.bootstrap_samples)
+        if not 0 < self.interval_level < 1:
+            raise ConfigError(f"eval.interval_level must be in (0, 1), got {self.interval_level!r}")
 
 
 @dataclass

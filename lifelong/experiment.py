@@ -33,6 +33,7 @@ from lifelong.loggers import CSVMetricLogger, wandb_logger
 from lifelong.metrics import DomainLossMetric, ExpertUsageMetric, TrainLossMetric
 from lifelong.plots import save_matrix_heatmap
 from lifelong.plugins import CurvePlugin, GrowthPlugin, ProgressPlugin
+from lifelong.reference import curve_mean, scratch_references
 from lifelong.strategies import build_strategy, load_strategy_state, strategy_state_dict
 from lifelong.training import build_optimizer
 
@@ -93,9 +94,10 @@ class RunSession:
             make_model=lambda: build_model(cfg, self.bench.vocab_size).to(self.device),
             save_checkpoint=self.save_inside)
 
-    def _record_stage(self, nats: list[float], bpb: list[float]) -> None:
+    def _record_stage(self, nats: list[float], bpb: list[float], blocks: list) -> None:
         self.progress.loss_rows.append(nats)
         self.progress.bpb_rows.append(bpb)
+        self.progress.block_losses.append([b.tolist() for b in blocks])
 
     def _record_usage(self, stats: dict, counts: dict) -> None:
         """Usage summary into the results; the raw per-head counts go into the stage snapshot."""
@@ -190,11 +192,12 @@ class RunSession:
         self.progress.eval_seconds += time.perf_counter() - t0
         self.progress.stages.append(stage)
         self.progress.num_experts.append(self.model.num_experts())
+        blocks = dict(zip(self.domains, self.progress.block_losses[-1]))
         if self.sharded:  # gathering sharded parameters is collective: every rank takes part
             with distributed.unsharded(self.model):
-                tensors = snapshots.stage_tensors(self.model, self.probes, self._stage_usage)
+                tensors = snapshots.stage_tensors(self.model, self.probes, self._stage_usage, blocks)
         elif self.main:
-            tensors = snapshots.stage_tensors(self.model, self.probes, self._stage_usage)
+            tensors = snapshots.stage_tensors(self.model, self.probes, self._stage_usage, blocks)
         if self.main:
             snapshots.write(self.out_dir, len(self.progress.stages) - 1, tensors)
         self._stage_usage = {}
@@ -241,14 +244,39 @@ class RunSession:
         if self.wandb is not None:
             self.wandb.close()
 
+    def _references(self) -> list[dict] | None:
+        """Each domain's model trained alone (eval.reference: scratch), None otherwise or for joint."""
+        if self.cfg.eval.reference != "scratch" or self.cfg.strategy.name == "joint":
+            return None
+        return scratch_references(self.cfg, self.bench, self.device, self.probes, echo=self.echo)
+
+    def _stream_curve_means(self) -> list[float | None]:
+        """Each domain's mean probe-block loss along its own experience (from metrics.csv)."""
+        series = rundir.read_metrics(self.out_dir / rundir.METRICS_FILE) if self.main else {}
+        ends = np.cumsum(self.progress.experience_steps).tolist()
+        starts = [0] + ends[:-1]
+        return [curve_mean(list(zip(*series.get(rundir.CURVE_PREFIX + d, ([], [])))), start, end)
+                for d, start, end in zip(self.domains, starts, ends)]
+
     def finish(self) -> dict:
         self.close()
         p = self.progress
+        references = self._references()
         p.elapsed_seconds += time.perf_counter() - self.started
         self.started = time.perf_counter()
         flops = self.model.flops_per_token()
+        bytes_per_token = [i["bytes_per_token"] for i in self.bench.domain_info]
+        transfer_inputs = {}
+        if references is not None:
+            transfer_inputs = dict(reference=[r["loss"] for r in references],
+                                   reference_blocks=[np.asarray(r["blocks"]) for r in references],
+                                   stream_curves=self._stream_curve_means(),
+                                   reference_curves=[curve_mean(r["curve"], 0, r["steps"]) for r in references])
         res = results_io.assemble(
             self.domains, p.stages, p.loss_rows, p.bpb_rows, p.num_experts,
+            block_losses=p.block_losses if len(p.block_losses) == len(p.stages) else None,
+            bytes_per_token=bytes_per_token, bootstrap_samples=self.cfg.eval.bootstrap_samples,
+            interval_level=self.cfg.eval.interval_level, **transfer_inputs,
             # Whether a domain came from the cache says nothing about the results: leave it out.
             domain_info=[{k: v for k, v in info.items() if k not in ("cache_file", "cached")}
                          for info in self.bench.domain_info],

@@ -28,13 +28,14 @@ class DomainLossMetric(PluginMetric[dict]):
 
     Sums the per-token NLL and counts tokens over every eval minibatch (so a
     partial last batch weighs what it holds), then divides once at the end of
-    the experience. After each full pass over the test stream the per-domain
-    row is handed to `on_stage(row_nats, row_bpb)`; the harness stacks those
-    rows into the stage x domain matrix.
+    the experience; it also keeps each test block's mean NLL, in test-stream order
+    (what the bootstrap intervals resample). After each full pass over the test stream
+    `on_stage(row_nats, row_bpb, row_blocks)` receives the per-domain row and each
+    domain's per-block losses [n_blocks]; the harness stacks the rows into the matrix.
     """
 
     def __init__(self, domains: Sequence[str], bytes_per_token: Sequence[float],
-                 on_stage: Callable[[list[float], list[float]], None] | None = None):
+                 on_stage: Callable[[list[float], list[float], list[np.ndarray]], None] | None = None):
         super().__init__()
         self.domains = list(domains)
         self.bytes_per_token = list(bytes_per_token)
@@ -42,10 +43,13 @@ class DomainLossMetric(PluginMetric[dict]):
         self._nats = torch.zeros((), dtype=torch.float64)
         self._tokens = 0
         self._row: dict[int, float] = {}
+        self._block_row: dict[int, np.ndarray] = {}
+        self._blocks: list[tuple[int, torch.Tensor]] = []
+        self._seen = 0
         self.stage = 0
 
     def reset(self) -> None:
-        self._row = {}
+        self._row, self._block_row = {}, {}
 
     def result(self) -> dict:
         return {self.domains[j]: loss for j, loss in sorted(self._row.items())}
@@ -56,12 +60,17 @@ class DomainLossMetric(PluginMetric[dict]):
     def before_eval_exp(self, strategy) -> None:
         self._nats = torch.zeros((), dtype=torch.float64, device=strategy.device)
         self._tokens = 0
+        self._blocks, self._seen = [], 0
 
     def after_eval_iteration(self, strategy) -> None:
         logits, targets = strategy.mb_output, strategy.mb_y
         nll = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="sum")
         self._nats += nll.double()
         self._tokens += targets.numel()
+        per_token = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="none")
+        self._blocks.append((self._seen + getattr(strategy, "mb_offset", 0),
+                             per_token.view(targets.shape).double().mean(dim=1)))
+        self._seen += getattr(strategy, "mb_global_size", len(targets))
 
     def after_eval_exp(self, strategy) -> list[MetricValue]:
         j = strategy.experience.current_experience
@@ -70,6 +79,10 @@ class DomainLossMetric(PluginMetric[dict]):
             self._nats, self._tokens = totals[0], int(totals[1].item())
         loss = self._nats.item() / max(self._tokens, 1)
         self._row[j] = loss
+        blocks = self._nats.new_zeros(self._seen)
+        for start, values in self._blocks:
+            blocks[start:start + len(values)] = values
+        self._block_row[j] = distributed.all_reduce_sum(blocks).cpu().numpy()  # each rank filled its slice
         bpb = bits_per_byte(loss, self.bytes_per_token[j])
         name = f"eval_phase/test_stream/{_exp_suffix(strategy)}"
         x = self.stage
@@ -85,7 +98,7 @@ class DomainLossMetric(PluginMetric[dict]):
             values = [MetricValue(self, "Loss_Stream/eval_phase/test_stream", float(np.mean(row)), self.stage),
                       MetricValue(self, "BPB_Stream/eval_phase/test_stream", float(np.mean(row_bpb)), self.stage)]
             if self.on_stage is not None:
-                self.on_stage(row, row_bpb)
+                self.on_stage(row, row_bpb, [self._block_row[j] for j in range(len(self.domains))])
             self.stage += 1
         return values
 

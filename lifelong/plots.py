@@ -155,8 +155,8 @@ def transfer_bars(results: dict, unit: str = "bpb", ax=None):
     summary = _summary(results, unit)
     if summary.get("bwt") is None:
         return _message(ax, "BWT and FWT are not defined for this run (joint training or one domain)")
-    for name, color in (("BWT", "tab:blue"), ("FWT", "tab:orange")):
-        value = summary[name.lower()]
+    for name, key, color in (("BWT", "bwt", "tab:blue"), ("FWT", "fwt_gem", "tab:orange")):
+        value = analysis.summary_figure(summary, key)
         ax.axhline(value, color=color, linestyle="--", linewidth=1, label=f"{name} = {value:+.3f}")
     series = [("BWT term", bwt, "tab:blue"), ("FWT term", fwt, "tab:orange")]
     return _bar_chart(ax, results["domains"], series, "%+.2f", f"{_unit(unit)} (> 0 = better)",
@@ -169,8 +169,8 @@ def summary_bars(runs, ax=None):
     ax = _new_axes(ax, 1.6 * len(named) + 3, 3.6)
     summaries = [res["bpb_summary"] for _, res in named]
     series = [("BWT", [s.get("bwt") for s in summaries], "tab:blue"),
-              ("FWT", [s.get("fwt") for s in summaries], "tab:orange"),
-              ("max forgetting", [analysis.max_forgetting(s) for s in summaries], "tab:red")]
+              ("FWT", [analysis.summary_figure(s, "fwt_gem") for s in summaries], "tab:orange"),
+              ("max forgetting", [analysis.summary_figure(s, "max_forgetting") for s in summaries], "tab:red")]
     return _bar_chart(ax, [name for name, _ in named], series, "%+.2f", "bits/byte",
                       "transfer and forgetting per run (BWT, FWT > 0 better; forgetting > 0 worse)",
                       rotation=15, ha="right")

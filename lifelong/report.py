@@ -1,9 +1,11 @@
-"""`lifelong report RUN_DIR...`: one table comparing finished runs, as text, Markdown or CSV,
-and their bits-per-byte matrices side by side as a PNG.
+"""`lifelong report RUN_DIR...`: one table comparing finished runs, as text, Markdown or CSV, the
+paired differences of every run against the first with bootstrap intervals, and the runs'
+bits-per-byte matrices side by side as a PNG.
 
 Every figure is in bits per byte (comparable across tokenizers), taken from results.json's
-`bpb_summary`; for a multi-seed run directory the table shows mean +- standard deviation over
-seeds (its `over_seeds`).
+`bpb_summary` with its interval (over test blocks for one run, over seeds for a multi-seed run
+directory). The paired differences resample the same test blocks for both runs (and their seeds),
+so they need runs measured on the same test blocks.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from lifelong.analysis import max_forgetting
+from lifelong.analysis import summary_figure
 from lifelong.runs import RunRecord, load_run
+from lifelong.transfer import paired_differences
 
 # (key, header, kind): kind picks the formatting of the value.
 COLUMNS = (
@@ -22,15 +25,17 @@ COLUMNS = (
     ("ffn", "ffn", "text"),
     ("growth", "growth", "text"),
     ("final_bpb", "final bpb", "bpb"),
+    ("max_forgetting_bpb", "max forgetting bpb", "signed"),
     ("bwt_bpb", "BWT bpb", "signed"),
     ("fwt_bpb", "FWT bpb", "signed"),
-    ("max_forgetting_bpb", "max forgetting bpb", "signed"),
+    ("plasticity_bpb", "plasticity bpb", "bpb"),
     ("experts", "experts", "int"),
     ("flops_per_token", "FLOPs/token", "int"),
     ("wall_time_s", "wall time s", "seconds"),
 )
-# Figures that a multi-seed run reports with a standard deviation: row key -> over_seeds key.
-SEED_FIGURES = {"final_bpb": "bpb_final_average", "bwt_bpb": "bpb_bwt", "fwt_bpb": "bpb_fwt"}
+# row key -> the figure of a summary it shows (the same figures are compared pairwise)
+FIGURES = {"final_bpb": "final_average", "max_forgetting_bpb": "max_forgetting", "bwt_bpb": "bwt",
+           "fwt_bpb": "fwt_gem", "plasticity_bpb": "plasticity"}
 
 
 def _as_run(run: RunRecord | str | Path) -> RunRecord:
@@ -46,29 +51,20 @@ def _growth(run: RunRecord) -> str:
 
 
 def row(run: RunRecord | str | Path) -> dict:
-    """One table row: the run's identity and its summary figures (None where undefined)."""
+    """One table row: the run's identity and its summary figures (None where undefined), each with
+    its interval under `<key>_interval` when the run recorded one."""
     run = _as_run(run)
     res = run.results
     bpb = res["bpb_summary"]
+    intervals = bpb.get("intervals") or {}
     experts = res.get("num_experts") or [None]
-    out = {
-        "name": run.name,
-        "strategy": run.strategy,
-        "ffn": run.ffn,
-        "growth": _growth(run),
-        "final_bpb": bpb.get("final_average"),
-        "bwt_bpb": bpb.get("bwt"),
-        "fwt_bpb": bpb.get("fwt"),
-        "max_forgetting_bpb": max_forgetting(bpb),
-        "experts": experts[-1],
-        "flops_per_token": res.get("flops_per_token"),
-        "wall_time_s": run.run_info.get("wall_time_s", res.get("wall_time_s")),
-        "path": str(run.path) if run.path else "",
-    }
-    over = res.get("over_seeds") or {}
-    for key, seed_key in SEED_FIGURES.items():
-        if seed_key in over:
-            out[f"{key}_std"] = over[seed_key]["std"]
+    out = {"name": run.name, "strategy": run.strategy, "ffn": run.ffn, "growth": _growth(run)}
+    for key, figure in FIGURES.items():
+        out[key] = summary_figure(bpb, figure)
+        out[f"{key}_interval"] = intervals.get(figure)
+    out.update(experts=experts[-1], flops_per_token=res.get("flops_per_token"),
+               wall_time_s=run.run_info.get("wall_time_s", res.get("wall_time_s")),
+               path=str(run.path) if run.path else "")
     if res.get("seeds"):
         out["name"] += f" ({len(res['seeds'])} seeds)"
     return out
@@ -77,6 +73,10 @@ def row(run: RunRecord | str | Path) -> dict:
 def report(run_dirs: Sequence[RunRecord | str | Path]) -> list[dict]:
     """One row per run (see `row`), in the order given."""
     return [row(r) for r in run_dirs]
+
+
+def _number(value: float, kind: str) -> str:
+    return f"{value:+.3f}" if kind == "signed" else f"{value:.3f}"
 
 
 def _cell(r: dict, key: str, kind: str) -> str:
@@ -89,9 +89,9 @@ def _cell(r: dict, key: str, kind: str) -> str:
         return f"{int(value):,}"
     if kind == "seconds":
         return f"{value:.1f}"
-    text = f"{value:+.3f}" if kind == "signed" else f"{value:.3f}"
-    std = r.get(f"{key}_std")
-    return text if std is None else f"{text} ±{std:.3f}"
+    interval = r.get(f"{key}_interval")
+    text = _number(value, kind)
+    return text if not interval else f"{text} [{_number(interval[0], kind)}, {_number(interval[1], kind)}]"
 
 
 def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -116,36 +116,106 @@ def comparability_notes(runs: Sequence[RunRecord]) -> list[str]:
     return notes
 
 
-def format_text(rows: list[dict]) -> str:
-    """An aligned plain-text table (text columns left-aligned, numbers right-aligned)."""
-    headers, cells = _table(rows)
+# ---- paired differences against the first run ------------------------------------------------
+
+def _seed_blocks(run: RunRecord) -> list | None:
+    blocks = [r.block_losses() for r in run.seed_runs()]
+    return None if any(b is None for b in blocks) else blocks
+
+
+def paired(runs: Sequence[RunRecord], samples: int = 1000, level: float = 0.95) -> tuple[list[dict], list[str]]:
+    """(one row per run after the first: {"name", "d_<key>": (difference, lo, hi)}, notes). ValueError
+    when a run was measured on other test blocks than the first (a paired comparison needs the same)."""
+    first = runs[0]
+    rows, notes = [], []
+    base = _seed_blocks(first)
+    for other in runs[1:]:
+        hashes = (first.test_hashes(), other.test_hashes())
+        if other.domains != first.domains or (None not in hashes[0] + hashes[1] and hashes[0] != hashes[1]):
+            raise ValueError(f"{other.name} and {first.name} were not evaluated on the same test blocks: a paired "
+                             "comparison needs the same ones (lifelong report --no-paired shows the table alone)")
+        if other.stages != first.stages:
+            notes.append(f"note: no paired differences for {other.name}: its stages differ from {first.name}'s "
+                         "(joint training has no per-domain stages)")
+            continue
+        blocks = _seed_blocks(other)
+        if base is None or blocks is None or None in hashes[0] + hashes[1]:
+            notes.append(f"note: no paired differences for {other.name}: its runs or {first.name}'s do not hold "
+                         "per-block test losses (runs from an earlier version)")
+            continue
+        diffs = paired_differences(base, blocks, first.bytes_per_token(), samples, level)
+        rows.append({"name": other.name, **{f"d_{key}": diffs.get(figure) for key, figure in FIGURES.items()}})
+    return rows, notes
+
+
+def _paired_cell(d: tuple | None, kind: str) -> str:
+    if d is None:
+        return "-"
+    value, lo, hi = d
+    mark = " *" if lo > 0 or hi < 0 else ""
+    return f"{value:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark}"
+
+
+def _paired_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    keys = [(k, h, kind) for k, h, kind in COLUMNS if k in FIGURES]
+    headers = ["run"] + [f"Δ {h}" for _, h, _ in keys]
+    return headers, [[r["name"]] + [_paired_cell(r.get(f"d_{k}"), kind) for k, _, kind in keys] for r in rows]
+
+
+def _text(headers: list[str], cells: list[list[str]], left: int = 1) -> str:
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    kinds = [kind for _, _, kind in COLUMNS]
 
     def line(values):
-        return "  ".join(v.ljust(w) if k == "text" else v.rjust(w)
-                         for v, w, k in zip(values, widths, kinds)).rstrip()
+        return "  ".join(v.ljust(w) if i < left else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(c) for c in cells)])
 
 
-def format_markdown(rows: list[dict]) -> str:
-    """A GitHub-flavoured Markdown table."""
-    headers, cells = _table(rows)
-    align = ["---" if kind == "text" else "---:" for _, _, kind in COLUMNS]
+def _markdown(headers: list[str], cells: list[list[str]], left: int = 1) -> str:
+    align = ["---" if i < left else "---:" for i in range(len(headers))]
     return "\n".join("| " + " | ".join(values) + " |" for values in (headers, align, *cells))
 
 
-def write_csv(rows: list[dict], path: str | Path) -> Path:
-    """The rows as CSV with full-precision numbers (empty cell = undefined), path last."""
+def format_text(rows: list[dict]) -> str:
+    """An aligned plain-text table (text columns left-aligned, numbers right-aligned)."""
+    return _text(*_table(rows), left=sum(kind == "text" for _, _, kind in COLUMNS))
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """A GitHub-flavoured Markdown table."""
+    return _markdown(*_table(rows), left=sum(kind == "text" for _, _, kind in COLUMNS))
+
+
+def format_paired(rows: list[dict], first: str, markdown: bool = False, samples: int = 1000,
+                  level: float = 0.95) -> str:
+    """The paired differences against `first`, with what the intervals resample."""
+    title = (f"paired differences against {first} (other - first), {level:.0%} bootstrap intervals over "
+             f"{samples} resamplings of the same test blocks (and seeds); * = the interval excludes 0")
+    return title + "\n" + (_markdown if markdown else _text)(*_paired_table(rows))
+
+
+def write_csv(rows: list[dict], path: str | Path, paired_rows: Sequence[dict] = ()) -> Path:
+    """The rows as CSV with full-precision numbers (empty cell = undefined): every figure with its
+    interval (`_lo`, `_hi`) and, for runs after the first, its paired difference (`d_`, `d_..._lo`,
+    `d_..._hi`); path last."""
     keys = [k for k, _, _ in COLUMNS]
-    keys += sorted({k for r in rows for k in r if k.endswith("_std")}) + ["path"]
+    for key in FIGURES:
+        keys.insert(keys.index(key) + 1, f"{key}_lo")
+        keys.insert(keys.index(key) + 2, f"{key}_hi")
+    keys += [f"d_{key}{part}" for key in FIGURES for part in ("", "_lo", "_hi")] + ["path"]
+    by_name = {r["name"]: r for r in paired_rows}
     path = Path(path)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in keys})
+            flat = dict(r)
+            for key in FIGURES:
+                interval = r.get(f"{key}_interval") or (None, None)
+                flat[f"{key}_lo"], flat[f"{key}_hi"] = interval
+                d = by_name.get(r["name"], {}).get(f"d_{key}") or (None, None, None)
+                flat[f"d_{key}"], flat[f"d_{key}_lo"], flat[f"d_{key}_hi"] = d
+            writer.writerow({k: "" if flat.get(k) is None else flat.get(k) for k in keys})
     return path
 
 
@@ -160,16 +230,22 @@ def save_comparison_png(runs: Sequence[RunRecord | str | Path], path: str | Path
 
 
 def main_report(run_dirs: Sequence[str | Path], markdown: bool = False, csv_path: str | Path | None = None,
-                png_path: str | Path | None = None) -> str:
-    """What `lifelong report` prints: the comparison table (Markdown if asked), notes on runs that
-    are not comparable, and the files written. ValueError names a path that is not a run directory."""
+                png_path: str | Path | None = None, pair: bool = True, samples: int = 1000) -> str:
+    """What `lifelong report` prints: the comparison table (Markdown if asked), the paired
+    differences against the first run (unless `pair` is false), notes on runs that are not
+    comparable, and the files written. ValueError names a path that is not a run directory, or
+    runs that cannot be paired."""
     if not run_dirs:
         raise ValueError("no run directory given")
     runs = [load_run(p) for p in run_dirs]
     rows = report(runs)
-    lines = [format_markdown(rows) if markdown else format_text(rows), *comparability_notes(runs)]
+    paired_rows, notes = paired(runs, samples) if pair and len(runs) > 1 else ([], [])
+    lines = [format_markdown(rows) if markdown else format_text(rows)]
+    if paired_rows:
+        lines += ["", format_paired(paired_rows, runs[0].name, markdown, samples)]
+    lines += notes + comparability_notes(runs)
     if csv_path is not None:
-        lines.append(f"wrote {write_csv(rows, csv_path)}")
+        lines.append(f"wrote {write_csv(rows, csv_path, paired_rows)}")
     if png_path is not None:
         lines.append(f"wrote {save_comparison_png(runs, png_path)}")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ reading a run's saved config. Torch-free, so readers of finished runs stay light
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -82,6 +83,25 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_metrics(path: str | Path) -> dict[str, tuple[list[float], list[float]]]:
+    """metrics.csv (rows name,x,value) -> {name: (xs, values)} in file order; {} without the file.
+    A torn last line (a run killed while writing) is skipped."""
+    columns: dict[str, tuple[list[float], list[float]]] = {}
+    path = Path(path)
+    if not path.is_file():
+        return columns
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        next(reader, None)  # header
+        for row in reader:
+            if len(row) != 3:
+                continue
+            xs, ys = columns.setdefault(row[0], ([], []))
+            xs.append(float(row[1]))
+            ys.append(float(row[2]))
+    return columns
 
 
 def read_config_values(run_dir: str | Path) -> dict:

@@ -11,7 +11,6 @@ and safetensors, so it is quick to import: no torch, no Avalanche.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import numpy as np
 
 from lifelong import transfer
 from lifelong.rundir import (CURVE_PREFIX, METRICS_FILE, RESULTS_FILE, RUN_INFO_FILE, SEED_PREFIX, SNAPSHOT_DIR,
-                             is_seed_dir, read_json, snapshot_path)
+                             is_seed_dir, read_json, read_metrics, snapshot_path)
 
 ENV_VAR = "LIFELONG_RUN"
 
@@ -71,20 +70,8 @@ def find_runs(spec: str | Path | Sequence[str | Path] | None = None, root: str |
 
 def _read_metrics(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """metrics.csv (name,x,value) -> {name: (x, value)}, each sorted by x."""
-    columns: dict[str, tuple[list[float], list[float]]] = {}
-    if not path.is_file():
-        return {}
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        next(reader, None)  # header
-        for row in reader:
-            if len(row) != 3:
-                continue  # a torn last line of an interrupted run
-            xs, ys = columns.setdefault(row[0], ([], []))
-            xs.append(float(row[1]))
-            ys.append(float(row[2]))
     out = {}
-    for name, (xs, ys) in columns.items():
+    for name, (xs, ys) in read_metrics(path).items():
         x, y = np.asarray(xs), np.asarray(ys)
         order = np.argsort(x, kind="stable")
         out[name] = (x[order], y[order])
@@ -296,6 +283,38 @@ class RunRecord:
     def has_growth(self, layer: str) -> bool:
         return bool(self.growth_events(layer)) or (
             self.has_snapshots and int(self.generation(layer, -1).max(initial=0)) > 0)
+
+    # -- per-block test losses and seeds (paired comparisons) -------------------------------------
+
+    def seed_runs(self) -> list[RunRecord]:
+        """The run of every seed of a multi-seed run directory (in the order of its seeds), else [self]."""
+        names = self.results.get("runs") if self.results.get("seeds") else None
+        if not names:
+            return [self]
+        if self.path is None:
+            raise ValueError(f"{self.name}: an in-memory multi-seed run has no seed directories")
+        return [load_run(self.path / name) for name in names]
+
+    def block_losses(self) -> list[list[np.ndarray]] | None:
+        """[stage][domain] each test block's mean loss (nats/token) from the snapshots; None for a run
+        that did not keep them (an earlier version's, or an aggregate of seeds)."""
+        if self.results.get("seeds") or not self.has_snapshots:
+            return None
+        out = []
+        for stage in range(len(self.stages)):
+            snap = self.snapshot(stage)
+            if any(f"blocks/{d}" not in snap for d in self.domains):
+                return None
+            out.append([np.asarray(snap[f"blocks/{d}"], dtype=np.float64) for d in self.domains])
+        return out
+
+    def test_hashes(self) -> list[str | None]:
+        """Each domain's hash of its test blocks (None where the run did not record it)."""
+        return [d.get("test_hash") for d in self.results.get("domain_info") or []]
+
+    def bytes_per_token(self) -> list[float]:
+        """Each domain's test bytes per token (what turns nats per token into bits per byte)."""
+        return [float(d["bytes_per_token"]) for d in self.results["domain_info"]]
 
 
 def load_run(path: str | Path) -> RunRecord:

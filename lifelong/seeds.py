@@ -9,36 +9,75 @@ from pathlib import Path
 import numpy as np
 
 from lifelong import checkpoint, distributed, rundir
-from lifelong import results as results_io
+from lifelong.results import FIGURE_KEYS
 from lifelong.config import RunConfig, dump_yaml
 from lifelong.experiment import resume, run
 from lifelong.plots import save_matrix_heatmap
 
 
-def _mean_std(values: list[float | None]) -> dict:
+def t_interval(values: list[float], level: float = 0.95) -> list[float] | None:
+    """mean -+ t_{(1 + level) / 2, n - 1} * s / sqrt(n) over seeds (Student t); None below two values."""
+    from scipy.stats import t
+
+    n = len(values)
+    if n < 2:
+        return None
+    mean, half = float(np.mean(values)), float(t.ppf((1 + level) / 2, n - 1) * np.std(values, ddof=1) / np.sqrt(n))
+    return [mean - half, mean + half]
+
+
+def _over_seeds(values: list[float | None], level: float) -> dict:
+    """Mean, sample standard deviation, t interval and per-seed values of one figure."""
     present = [v for v in values if v is not None]
     if not present:
-        return {"mean": None, "std": None, "values": values}
+        return {"mean": None, "std": None, "interval": None, "values": values}
     return {"mean": float(np.mean(present)), "std": float(np.std(present, ddof=1)) if len(present) > 1 else 0.0,
-            "values": values}
+            "interval": t_interval(present, level), "values": values}
 
 
-def aggregate_seeds(per_seed: list[dict], seeds: list[int]) -> dict:
-    """results.json of a multi-seed run: matrices averaged over seeds, every figure recomputed from
-    the mean matrices, plus `over_seeds`: mean, sample std and per-seed values of every summary figure."""
+def _summary(summaries: list[dict], domains: list[str], level: float, over: dict, prefix: str) -> tuple[dict, dict]:
+    """The mean over seeds of every per-seed figure (a figure with a min or max inside, like
+    forgetting, is averaged after it is computed per seed), and the t intervals over seeds."""
+    out, intervals = {}, {}
+    for key in FIGURE_KEYS:
+        if key in ("forgetting", "forgetting_first_last"):
+            out[key] = {}
+            for d in summaries[0].get(key) or {}:
+                stats = _over_seeds([s[key][d] for s in summaries], level)
+                out[key][d] = stats["mean"]
+                if key == "forgetting":
+                    over[f"{prefix}forgetting/{d}"] = stats
+                    intervals.setdefault("forgetting", {})[d] = stats["interval"]
+            continue
+        stats = _over_seeds([s.get(key) for s in summaries], level)
+        out[key], intervals[key] = stats["mean"], stats["interval"]
+        over[prefix + key] = stats
+    return out, intervals
+
+
+def aggregate_seeds(per_seed: list[dict], seeds: list[int], level: float = 0.95) -> dict:
+    """results.json of a multi-seed run: the matrices averaged over seeds (each cell with a t interval
+    over seeds), every summary figure the mean of the per-seed figures with its t interval, and
+    `over_seeds`: mean, sample std, interval and per-seed values of every figure."""
     first = per_seed[0]
-    mean = lambda key: np.mean([r[key] for r in per_seed], axis=0).tolist()  # noqa: E731
-    res = results_io.assemble(first["domains"], first["stages"], mean("loss_matrix"), mean("bpb_matrix"),
-                              first["num_experts"], domain_info=first["domain_info"],
-                              flops_per_token=first["flops_per_token"], params=first["params"],
-                              config=first["config"])
+    domains = first["domains"]
+    cells = {key: np.asarray([r[key] for r in per_seed], dtype=np.float64) for key in ("loss_matrix", "bpb_matrix")}
     over: dict = {}
-    for prefix, pick in (("", lambda r: r), ("bpb_", lambda r: r["bpb_summary"])):
-        for key in ("final_average", "plasticity", "bwt", "fwt"):
-            over[prefix + key] = _mean_std([pick(r)[key] for r in per_seed])
-        for domain in first["forgetting"]:
-            over[f"{prefix}forgetting/{domain}"] = _mean_std([pick(r)["forgetting"][domain] for r in per_seed])
-    res.update(seeds=seeds, runs=[rundir.seed_name(s) for s in seeds], over_seeds=over)
+    nats, nats_iv = _summary(per_seed, domains, level, over, "")
+    bpb, bpb_iv = _summary([r["bpb_summary"] for r in per_seed], domains, level, over, "bpb_")
+    bpb["intervals"] = bpb_iv
+    res = {"domains": domains, "stages": first["stages"],
+           "loss_matrix": cells["loss_matrix"].mean(axis=0).tolist(),
+           "bpb_matrix": cells["bpb_matrix"].mean(axis=0).tolist(),
+           **nats, "bpb_summary": bpb, "num_experts": first["num_experts"]}
+    if len(per_seed) > 1:
+        for key, name in (("loss_matrix", "loss_interval"), ("bpb_matrix", "bpb_interval")):
+            res[name] = [[t_interval(cells[key][:, s, j].tolist(), level) for j in range(len(domains))]
+                         for s in range(len(res["stages"]))]
+    res.update(intervals=nats_iv, interval_method={"kind": "Student t over seeds", "level": level,
+                                                  "seeds": len(per_seed)},
+               domain_info=first["domain_info"], flops_per_token=first["flops_per_token"], params=first["params"],
+               config=first["config"], seeds=seeds, runs=[rundir.seed_name(s) for s in seeds], over_seeds=over)
     return res
 
 
@@ -72,7 +111,7 @@ def run_seeds(cfg: RunConfig, seeds: list[int], out_dir: str | Path, progress: b
             per_seed.append(resume(seed_dir, progress=progress, echo=echo))
         else:
             per_seed.append(run(dataclasses.replace(cfg, seed=seed), seed_dir, progress=progress, echo=echo))
-    res = aggregate_seeds(per_seed, seeds)
+    res = aggregate_seeds(per_seed, seeds, cfg.eval.interval_level)
     info = {key: round(sum(r["run_info"].get(key, 0.0) for r in per_seed), 2)
             for key in ("wall_time_s", "eval_time_s")}
     if main:

@@ -7,6 +7,7 @@
     router/LAYER           float32 [E, dim]                 MoE router rows
     generation/LAYER       int64 [N]   growth generation of each expert (0 = original, g = added by growth g)
     routes/LAYER/DOMAIN    int32 [tokens, heads, top_k]     expert ids chosen for fixed probe tokens
+    blocks/DOMAIN          float64 [test blocks]            each test block's mean loss (nats/token)
 
 The probe tokens are the first `PROBE_BLOCKS` test blocks of every domain, the same at every
 stage, so comparing `routes` between stages measures routing drift; the learning curves
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -39,9 +41,12 @@ def probe_blocks(test_stream, blocks: int = PROBE_BLOCKS) -> dict[str, torch.Ten
 
 
 @torch.no_grad()
-def stage_tensors(model, probes: dict[str, torch.Tensor], usage: dict | None) -> dict[str, torch.Tensor]:
+def stage_tensors(model, probes: dict[str, torch.Tensor], usage: dict | None,
+                  block_losses: dict[str, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
     """Everything `snapshots/stage-NN.safetensors` holds for the model as it is now."""
     out: dict[str, torch.Tensor] = {}
+    for domain, losses in (block_losses or {}).items():
+        out[f"blocks/{domain}"] = torch.as_tensor(np.asarray(losses, dtype=np.float64))
     for layer, by_domain in (usage or {}).items():
         for domain, counts in by_domain.items():
             out[f"usage/{layer}/{domain}"] = counts.float().cpu()

@@ -11,27 +11,23 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import os
-import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .cache import cache_key, cache_path, prepare_cache_dir, read_cache, write_cache
 from .errors import StreamError
 from .sources import Source, hash_unit, make_source
 from .spec import DomainSpec
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, round_trip_error
 
 #: Bump when packing, splitting or the cache format changes: old entries are then ignored.
-CACHE_VERSION = 1
 #: Text put between two documents of a split.
 SEPARATOR = "\n\n"
 
@@ -164,8 +160,10 @@ def _pack(
     seed: int,
     has_filter: bool,
     progress: bool,
+    lossy_tokenizer: bool,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     d = f"domain '{source.domain}'"
+    round_trip = True  # until a document does not come back from its tokens
     T = block_len
     dtype = _storage_dtype(tokenizer.vocab_size)
     sep_ids, sep_bytes = tokenizer.encode_with_bytes(SEPARATOR)
@@ -194,6 +192,10 @@ def _pack(
             STATS["documents_tokenized"] += 1
             if len(ids) == 0:
                 continue
+            if round_trip and (diff := round_trip_error(tokenizer, text, ids)) is not None:
+                if not lossy_tokenizer:
+                    raise StreamError(_lossy_message(d, tokenizer, f"{doc.doc_id}, {diff}"))
+                round_trip = False
             content.update(f"{split}\0".encode() + text.encode("utf-8") + b"\0")
             grew = p.add(ids, nbytes)
             bar.update(min(grew, max(0, need[split] - (p.n - grew))))
@@ -270,83 +272,18 @@ def _pack(
         "test_bytes": test_target_bytes,
         "bytes_per_token": test_target_bytes / (k_test * T),
         "tokenizer": tokenizer.identity,
+        "tokenizer_round_trip": round_trip,
         "block_len": T,
+        # the test blocks themselves: two runs are compared pairwise only on the same ones
+        "test_hash": hashlib.sha256(np.ascontiguousarray(test_ids).tobytes()).hexdigest(),
     }
     return np.ascontiguousarray(train_ids), np.ascontiguousarray(test_ids), info
 
 
-def _cache_key(spec: DomainSpec, source: Source, tokenizer: Tokenizer, **params: Any) -> str:
-    spec_d = spec.to_dict()
-    if spec_d.get("path") is not None:
-        spec_d["path"] = str(Path(spec_d["path"]).expanduser().resolve())
-    blob = {
-        "version": CACHE_VERSION,
-        "spec": spec_d,
-        "source": source.fingerprint(),
-        "tokenizer": tokenizer.identity,
-        "separator": SEPARATOR,
-        **params,
-    }
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _cache_path(cache_dir: Path, domain: str, key: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", domain)[:48] or "domain"
-    return cache_dir / f"{safe}-{key[:32]}.npz"
-
-
-def _read_cache(path: Path, key: str) -> Optional[tuple[np.ndarray, np.ndarray, dict]]:
-    """The cached entry, or None when absent or unreadable (it is then rebuilt)."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(z["meta"].tobytes().decode("utf-8"))
-            train, test = z["train"], z["test"]
-        T = meta["info"]["block_len"]
-        ok = (
-            meta.get("key") == key
-            and len(train) == meta["info"]["train_blocks"] * T + 1
-            and len(test) == meta["info"]["test_blocks"] * T + 1
-        )
-        return (train, test, meta["info"]) if ok else None
-    except Exception:  # truncated/corrupt file, foreign content: treat as a miss
-        return None
-
-
-def _write_cache(path: Path, key: str, train: np.ndarray, test: np.ndarray, info: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then os.replace, so a
-    crash or a concurrent reader never sees half an entry."""
-    meta = np.frombuffer(json.dumps({"key": key, "info": info}).encode("utf-8"), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, train=train, test=test, meta=meta)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cache is often shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    STATS["cache_writes"] += 1
-
-
-def prepare_cache_dir(cache_dir: Union[str, os.PathLike, None]) -> Optional[Path]:
-    """The cache folder, created if needed (StreamError if it cannot be)."""
-    if cache_dir is None:
-        return None
-    path = Path(cache_dir).expanduser()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StreamError(f"cache_dir {cache_dir}: cannot create folder ({e.strerror or e})") from None
-    if not path.is_dir():
-        raise StreamError(f"cache_dir {cache_dir}: not a folder")
-    return path
+def _lossy_message(d: str, tokenizer: Tokenizer, where: str) -> str:
+    return (f"{d}: tokenizer '{tokenizer.name}' does not give the text back ({where}), so bits "
+            "per byte would divide by bytes the model never predicted; use a tokenizer that keeps the "
+            "text, or accept it with lossy_tokenizer (stream.lossy_tokenizer=true)")
 
 
 def build_domain_blocks(
@@ -360,34 +297,41 @@ def build_domain_blocks(
     seed: int,
     cache_dir: Union[str, os.PathLike, None] = None,
     progress: bool = True,
+    lossy_tokenizer: bool = False,
 ) -> DomainBlocks:
     """Train and test blocks of one domain, from the cache when an entry with the
     same key exists. The key hashes the spec, the source's fingerprint (paths, sizes
     and mtimes of its files), the tokenizer, the separator, block_len, the budgets,
-    test_fraction, the seed and :data:`CACHE_VERSION`."""
+    test_fraction, the seed and the cache format (scenarios/cache.py). A tokenizer that does not give a
+    document's text back (lowercasing, accent stripping, unknown tokens) is refused unless
+    ``lossy_tokenizer``; ``info["tokenizer_round_trip"]`` records which."""
     spec = DomainSpec.coerce(spec)
     source = make_source(spec)
     train_budget, test_budget = split_budgets(train_tokens, test_tokens, test_fraction, spec.max_tokens)
     params = dict(block_len=int(block_len), train_budget=train_budget, test_budget=test_budget,
                   test_fraction=float(test_fraction), seed=int(seed))
     cache = prepare_cache_dir(cache_dir)
-    key = _cache_key(spec, source, tokenizer, **params) if cache is not None else None
-    path = _cache_path(cache, spec.name, key) if cache is not None else None
+    key = cache_key(spec, source, tokenizer, SEPARATOR, **params) if cache is not None else None
+    path = cache_path(cache, spec.name, key) if cache is not None else None
 
-    hit = _read_cache(path, key) if path is not None else None
+    hit = read_cache(path, key) if path is not None else None
     if hit is not None:
         STATS["cache_hits"] += 1
         train, test, info = hit
+        if not info["tokenizer_round_trip"] and not lossy_tokenizer:
+            raise StreamError(_lossy_message(f"domain '{spec.name}'", tokenizer, "found when its blocks were cached"))
         info = dict(info, cached=True, cache_file=str(path))
     else:
         STATS["cache_misses"] += 1
         train, test, info = _pack(
             source, tokenizer, block_len=int(block_len), train_budget=train_budget, test_budget=test_budget,
             test_fraction=float(test_fraction), seed=int(seed), has_filter=bool(spec.filter), progress=progress,
+            lossy_tokenizer=lossy_tokenizer,
         )
         if path is not None:
             try:
-                _write_cache(path, key, train, test, info)
+                write_cache(path, key, train, test, info)
+                STATS["cache_writes"] += 1
             except OSError as e:  # the blocks are built: a full disk should not lose them
                 warnings.warn(f"domain '{spec.name}': could not write cache entry {path}: {e}", stacklevel=2)
         info = dict(info, cached=False, cache_file=str(path) if path is not None else None)

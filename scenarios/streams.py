@@ -139,6 +139,7 @@ def build_stream(
     cache_dir: Union[str, os.PathLike, None] = None,
     experiences_per_domain: int = 1,
     progress: bool = True,
+    lossy_tokenizer: bool = False,
 ) -> Stream:
     """Build the train and test blocks of every domain of a stream, without Avalanche.
 
@@ -156,6 +157,8 @@ def build_stream(
             train blocks make (online setting; see :meth:`Stream.train_parts`); the test
             stream keeps one experience per domain.
         progress: show tqdm bars while tokenising (only on a terminal).
+        lossy_tokenizer: accept a tokenizer that does not give a document's text back
+            (lowercasing, accent stripping, unknown tokens); refused by default.
 
     Raises:
         StreamError: any bad input, with a one-line message naming it.
@@ -188,6 +191,7 @@ def build_stream(
         build_domain_blocks(
             d, tok, block_len=block_len, train_tokens=train_tokens, test_tokens=test_tokens,
             test_fraction=float(test_fraction), seed=seed, cache_dir=cache_dir, progress=progress,
+            lossy_tokenizer=bool(lossy_tokenizer),
         )
         for d in domains
     ]

@@ -39,10 +39,23 @@ def utf8_len(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
+def round_trip_error(tokenizer: "Tokenizer", text: str, ids: np.ndarray) -> str | None:
+    """None when ``tokenizer`` decodes ``ids`` back to ``text`` exactly; otherwise where and how
+    they first differ. Tokenizers that say ``lossless = True`` are not checked."""
+    if getattr(tokenizer, "lossless", False):
+        return None
+    back = tokenizer.decode(ids)
+    if back == text:
+        return None
+    i = next((i for i, (a, b) in enumerate(zip(text, back)) if a != b), min(len(text), len(back)))
+    return f"character {i}: {text[i:i + 24]!r} came back as {back[i:i + 24]!r}"
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens: vocabulary 256, no unknown tokens, one byte per token."""
 
     name = "byte"
+    lossless = True  # every text's bytes come back as they were
     vocab_size = 256
 
     @property
@@ -153,7 +166,8 @@ class HFTokenizer:
         return ids, np.diff(bounds).astype(np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(map(int, ids)))
+        # no clean-up of spaces around punctuation: the text as the tokens hold it
+        return self._tok.decode(list(map(int, ids)), clean_up_tokenization_spaces=False)
 
     def bytes_of(self, text: str) -> int:
         return utf8_len(text)

@@ -32,7 +32,7 @@ def test_results_are_self_consistent(smoke_run):
     assert len(L) == len(domains) + 1 and all(len(row) == len(domains) for row in L)
     assert res["forgetting"] == pytest.approx(dict(zip(domains, transfer.forgetting(L))))
     assert res["bwt"] == pytest.approx(transfer.backward_transfer(L))
-    assert res["fwt"] == pytest.approx(transfer.forward_transfer(L))
+    assert res["fwt_gem"] == pytest.approx(transfer.forward_transfer(L))
     bpt = [info["bytes_per_token"] for info in res["domain_info"]]
     for row, row_bpb in zip(L, res["bpb_matrix"]):
         assert row_bpb == pytest.approx([v / (math.log(2) * b) for v, b in zip(row, bpt)])
@@ -205,7 +205,7 @@ def test_every_strategy_completes_the_smoke_preset(strategy, tmp_path):
     else:
         assert res["forgetting"] == pytest.approx(dict(zip(res["domains"], transfer.forgetting(L))))
         assert res["bwt"] == pytest.approx(transfer.backward_transfer(L))
-        assert res["fwt"] == pytest.approx(transfer.forward_transfer(L))
+        assert res["fwt_gem"] == pytest.approx(transfer.forward_transfer(L))
     assert res["config"]["strategy"]["name"] == strategy
 
 

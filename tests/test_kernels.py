@@ -537,3 +537,49 @@ def test_triton_tests_in_a_subprocess():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout.splitlines()[-1]
+
+
+def test_triton_self_check_accepts_right_kernels_and_falls_back_from_wrong_ones(tk, monkeypatch):
+    """On a device the kernels never ran on, `auto` first checks them against the embedding-bag
+    path; a wrong kernel (injected here) makes `auto` fall back with one warning line."""
+    from types import SimpleNamespace
+
+    device = torch.device("cpu")  # the interpreter runs the kernels on CPU tensors
+    monkeypatch.setattr(kernels, "_AGREES", {})
+    assert kernels.triton_agrees(device)
+    cuda_like = SimpleNamespace(is_cuda=True, device=device)  # what resolve reads of x
+    assert kernels.resolve("auto", cuda_like, torch.zeros(1)) == "triton"
+
+    right_mix = tk.mix
+    monkeypatch.setattr(tk, "mix", lambda *args: right_mix(*args) * 1.01)
+    monkeypatch.setattr(kernels, "_AGREES", {})
+    with pytest.warns(UserWarning, match=r"disagree with the embedding-bag path on cpu \(mixing output differs\)"):
+        assert not kernels.triton_agrees(device)
+    assert kernels.resolve("auto", cuda_like, torch.zeros(1)) == "bag"
+    assert kernels.resolve("triton", cuda_like, torch.zeros(1)) == "triton"  # forcing them still works
+
+    monkeypatch.setattr(tk, "retrieve", lambda *args: (_ for _ in ()).throw(RuntimeError("launch failed")))
+    monkeypatch.setattr(kernels, "_AGREES", {})
+    with pytest.warns(UserWarning, match="RuntimeError: launch failed"):
+        assert not kernels.triton_agrees(device)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "bag"])
+def test_sub_keys_are_scored_and_selected_in_fp32_under_bf16_autocast(kernel):
+    """bf16 autocast gives bf16 queries; every path still scores them against the sub-keys in fp32
+    (as the Triton kernels do), so routes do not depend on the path through bf16 rounding."""
+    from experts.product_keys import product_topk
+
+    torch.manual_seed(0)
+    layer = PEER(dim=64, num_experts=64 * 64, heads=4, top_k=8, key_dim=64, kernel=kernel).eval()
+    x = torch.randn(512, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = layer._queries(x)
+        scores, ids = layer._route(x)
+    assert q.dtype == torch.bfloat16
+    cb, d = layer.codebooks, q.shape[-1] // 2
+    s1 = torch.einsum("thd,hnd->thn", q[..., :d].float(), cb.keys1.float()) + cb.offset1
+    s2 = torch.einsum("thd,hnd->thn", q[..., d:].float(), cb.keys2.float())
+    want_scores, want = product_topk(s1, s2, 8)
+    assert torch.equal(ids, want)
+    assert torch.allclose(scores.float(), want_scores.softmax(-1), atol=1e-2)  # weights from bf16 scores

@@ -101,7 +101,7 @@ def test_capacity_drops_overflow_and_reports_fraction():
     assert torch.equal(y[2:], torch.zeros(6, 4))    # over capacity: contributes nothing
     layer.eval()                                     # eval_capacity_factor=None: dropless eval
     y_eval = layer(x)
-    assert layer.aux_metrics()["dropped_fraction"] == 0.0
+    assert layer.aux_metrics()["dropped_fraction"] == pytest.approx(6 / 8)  # still the training forward's
     assert torch.allclose(y_eval[:2], y[:2]) and (y_eval[2:].abs().sum(-1) > 0).all()
 
 
@@ -199,3 +199,30 @@ def test_flops_and_params_hand_counted():
     nobias = MoE(dim=4, num_experts=2, hidden=3, top_k=1, bias=False, normalize_gates=False)
     assert nobias.flops_per_token() == 26 - 2 + 66 - 7
     assert nobias.num_params() == 8 + 2 * 24
+
+
+def test_an_evaluation_forward_keeps_the_training_metrics():
+    """aux_metrics() describe the last training forward: an evaluation forward in between (a learning
+    curve, a growth check) must not replace what the training loss metric logs next."""
+    layer = tiny_moe(capacity_factor=1.0)
+    layer.train()
+    layer(torch.randn(32, 6, dtype=torch.float64))
+    trained = layer.aux_metrics()
+    layer.eval()
+    layer(torch.randn(5, 6, dtype=torch.float64) * 10)
+    assert layer.aux_metrics() == trained
+
+
+def test_a_trained_layer_can_be_deep_copied():
+    """A distillation teacher is a deep copy of the model right after training: the last forward's
+    auxiliary loss (part of its autograd graph) must not stop the copy."""
+    import copy
+
+    layer = tiny_moe()
+    layer.train()
+    layer(torch.randn(16, 6, dtype=torch.float64)).sum()
+    assert layer.aux_loss().requires_grad
+    teacher = copy.deepcopy(layer)
+    assert float(teacher.aux_loss()) == 0.0 and layer.aux_loss().requires_grad
+    x = torch.randn(4, 6, dtype=torch.float64)
+    assert torch.equal(teacher.eval()(x), layer.eval()(x))

@@ -54,7 +54,7 @@ def test_forgetting_bars_show_both_forms_in_the_chosen_unit():
 
 def test_forgetting_and_transfer_bars_explain_joint_training_instead_of_failing():
     joint = results(stages=["init", "after:joint"], loss_matrix=L[::2], bpb_matrix=L[::2], forgetting={},
-                    bwt=None, fwt=None, bpb_summary={"forgetting": {}, "bwt": None, "fwt": None})
+                    bwt=None, fwt_gem=None, bpb_summary={"forgetting": {}, "bwt": None, "fwt_gem": None})
     assert "joint" in plots.forgetting_bars(joint).texts[0].get_text()
     assert "not defined" in plots.transfer_bars(joint).texts[0].get_text()
 
@@ -66,7 +66,7 @@ def test_transfer_bars_draw_each_domains_terms():
 
 
 def test_summary_bars_compare_runs():
-    better = results(bpb_summary={**summary(1 / LN2), "bwt": 0.5, "forgetting": {"a": -0.2}})
+    better = results(bpb_summary={**summary(1 / LN2), "bwt": 0.5, "forgetting": {"a": -0.2}, "max_forgetting": -0.2})
     ax = plots.summary_bars({"base": results(), "better": better})
     assert bar_heights(ax, "BWT") == [pytest.approx(-1 / LN2), 0.5]
     assert bar_heights(ax, "max forgetting") == [pytest.approx(1 / LN2), -0.2]

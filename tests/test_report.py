@@ -1,9 +1,11 @@
-"""lifelong.report: the comparison table of runs as text, Markdown, CSV and PNG."""
+"""lifelong.report: the comparison table of runs as text, Markdown, CSV and PNG, and the paired
+differences against the first run."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 
@@ -38,6 +40,7 @@ def test_row_collects_the_summary_of_a_run(tmp_path):
     row = report.row(make_run(tmp_path / "grow", growth_events=events, config=growth))
     assert row == {"name": "grow", "strategy": "replay", "ffn": "peer", "growth": "boundary x2",
                    "final_bpb": 4.5, "bwt_bpb": -0.125, "fwt_bpb": 1.5, "max_forgetting_bpb": 0.25,
+                   "plasticity_bpb": None, **{f"{k}_interval": None for k in report.FIGURES},
                    "experts": 384, "flops_per_token": 194424, "wall_time_s": 12.34, "path": str(tmp_path / "grow")}
 
 
@@ -46,7 +49,7 @@ def test_undefined_figures_show_as_dashes(tmp_path):
     rows = report.report([joint])
     assert rows[0]["max_forgetting_bpb"] is None and rows[0]["wall_time_s"] is None
     line = report.format_text(rows).splitlines()[2]
-    assert line.split() == ["joint", "joint", "peer", "-", "4.500", "-", "-", "-", "384", "194,424", "-"]
+    assert line.split() == ["joint", "joint", "peer", "-", "4.500", "-", "-", "-", "-", "384", "194,424", "-"]
 
 
 def test_text_table_aligns_columns(tmp_path):
@@ -62,16 +65,17 @@ def test_markdown_table(tmp_path):
     rows = report.report([make_run(tmp_path / "a"), make_run(tmp_path / "b")])
     lines = report.format_markdown(rows).splitlines()
     assert len(lines) == 4 and all(line.startswith("| ") and line.endswith(" |") for line in lines)
-    assert lines[1].count("---:") == 7  # numeric columns right-aligned
-    assert lines[2].startswith("| a | naive | peer | - | 4.500 | -0.125 |")
+    assert lines[1].count("---:") == 8  # numeric columns right-aligned
+    assert lines[2].startswith("| a | naive | peer | - | 4.500 | +0.250 | -0.125 | +1.500 |")
 
 
-def test_multi_seed_runs_show_standard_deviations(tmp_path):
-    over = {"bpb_final_average": {"mean": 4.5, "std": 0.05}, "bpb_bwt": {"mean": -0.125, "std": 0.01},
-            "bpb_fwt": {"mean": 1.5, "std": 0.2}}
-    rows = report.report([make_run(tmp_path / "agg", seeds=[0, 1, 2], over_seeds=over)])
-    assert rows[0]["name"] == "agg (3 seeds)" and rows[0]["final_bpb_std"] == 0.05
-    assert "4.500 ±0.050" in report.format_text(rows) and "+1.500 ±0.200" in report.format_markdown(rows)
+def test_figures_show_their_intervals(tmp_path):
+    intervals = {"final_average": [4.4, 4.6], "bwt": [-0.2, -0.05], "fwt_gem": [1.3, 1.7]}
+    summary = {"final_average": 4.5, "bwt": -0.125, "fwt_gem": 1.5, "forgetting": FORGETTING, "intervals": intervals}
+    rows = report.report([make_run(tmp_path / "agg", seeds=[0, 1, 2], bpb_summary=summary)])
+    assert rows[0]["name"] == "agg (3 seeds)" and rows[0]["final_bpb_interval"] == [4.4, 4.6]
+    assert "4.500 [4.400, 4.600]" in report.format_text(rows)
+    assert "+1.500 [+1.300, +1.700]" in report.format_markdown(rows)
 
 
 def test_csv_keeps_full_precision(tmp_path):
@@ -82,6 +86,7 @@ def test_csv_keeps_full_precision(tmp_path):
         read = list(csv.DictReader(f))
     assert [r["name"] for r in read] == ["a", "b"]
     assert float(read[0]["final_bpb"]) == 4.123456789 and read[1]["bwt_bpb"] == ""
+    assert read[0]["final_bpb_lo"] == "" and "d_final_bpb_hi" in read[0]
     assert list(read[0])[-1] == "path" and read[0]["experts"] == "384"
 
 
@@ -109,3 +114,72 @@ def test_main_report_rejects_what_is_not_a_run(tmp_path):
         report.main_report([make_run(tmp_path / "a"), tmp_path / "notarun"])
     with pytest.raises(ValueError, match="no run directory given"):
         report.main_report([])
+
+
+# ---- paired differences --------------------------------------------------------------------------
+
+def run_with_blocks(path, blocks, test_hash="t1", **extra):
+    """A run directory whose snapshots hold per-block losses: blocks[stage][domain] arrays (nats)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    L = [[float(np.mean(b)) for b in row] for row in blocks]
+    make_run(path, loss_matrix=L, domain_info=[{"content_hash": "h1", "test_hash": test_hash,
+                                                "bytes_per_token": 1.0}] * 3, **extra)
+    (path / "snapshots").mkdir()
+    for stage, row in enumerate(blocks):
+        save_file({f"blocks/{d}": np.asarray(b, np.float64) for d, b in zip("abc", row)},
+                  str(path / "snapshots" / f"stage-{stage:02d}.safetensors"))
+    return path
+
+
+def toy_blocks(shift=0.0, seed=0):
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    base = [[5, 5, 5], [3, 4, 4], [3.2, 3, 4], [3.5, 3.1, 3]]
+    return [[g.normal(v + (shift if s == 3 else 0.0), 0.2, size=40) for v in row] for s, row in enumerate(base)]
+
+
+def test_paired_differences_resample_the_same_blocks(tmp_path):
+    from lifelong.runs import load_run
+
+    a = load_run(run_with_blocks(tmp_path / "a", toy_blocks()))
+    same = load_run(run_with_blocks(tmp_path / "same", toy_blocks()))
+    worse = load_run(run_with_blocks(tmp_path / "worse", toy_blocks(0.3)))
+    rows, notes = report.paired([a, same, worse], samples=200)
+    assert notes == [] and [r["name"] for r in rows] == ["same", "worse"]
+    assert rows[0]["d_final_bpb"] == (0.0, 0.0, 0.0)  # same blocks, same losses: no difference at all
+    value, lo, hi = rows[1]["d_final_bpb"]
+    assert value == pytest.approx(0.3 / math.log(2)) and 0 < lo < value < hi  # every final loss 0.3 nats worse
+    text = report.format_paired(rows, "a", samples=200)
+    assert "+0.000 [+0.000, +0.000]" in text and f"+{value:.3f} [+{lo:.3f}, +{hi:.3f}] *" in text
+
+
+def test_paired_differences_pair_the_seeds_of_multi_seed_runs(tmp_path):
+    from lifelong.runs import load_run
+
+    for name, shift in (("a", 0.0), ("b", 0.2)):
+        for seed in (0, 1):
+            run_with_blocks(tmp_path / name / f"seed-{seed}", toy_blocks(shift, seed))
+        make_run(tmp_path / name / "agg", seeds=[0, 1], runs=["../seed-0", "../seed-1"],
+                 domain_info=[{"content_hash": "h1", "test_hash": "t1", "bytes_per_token": 1.0}] * 3)
+    rows, _ = report.paired([load_run(tmp_path / "a" / "agg"), load_run(tmp_path / "b" / "agg")], samples=200)
+    value, lo, hi = rows[0]["d_final_bpb"]
+    assert value == pytest.approx(0.2 / math.log(2)) and lo > 0
+
+
+def test_paired_comparison_refuses_runs_on_other_test_blocks(tmp_path, capsys):
+    from lifelong import cli
+
+    a = run_with_blocks(tmp_path / "a", toy_blocks())
+    b = run_with_blocks(tmp_path / "b", toy_blocks(), test_hash="t2")
+    assert cli.main(["report", str(a), str(b)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not evaluated on the same test blocks" in err and "--no-paired" in err
+    assert cli.main(["report", str(a), str(b), "--no-paired"]) == 0
+
+
+def test_runs_without_block_losses_get_a_note_not_a_refusal(tmp_path):
+    text = report.main_report([make_run(tmp_path / "a"), make_run(tmp_path / "b")])
+    assert "no paired differences for b" in text and "earlier version" in text

@@ -162,3 +162,48 @@ def test_real_hf_tokenizer_in_a_stream(local_hf_tokenizer, tmp_path):
     targets = torch.cat([ds[j][1] for j in range(len(ds))])
     assert len(targets) == info["test_tokens"] == info["test_blocks"] * 16
     assert abs(info["test_bytes"] - len(tok.decode(targets.tolist()).encode("utf-8"))) <= 8
+
+
+@pytest.fixture(scope="module")
+def lossy_hf_tokenizer(tmp_path_factory):
+    """A WordPiece tokenizer that lowercases and strips accents, as BERT's uncased ones do."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20,
+                            trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    path = tmp_path_factory.mktemp("lossy")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    return str(path)
+
+
+def test_a_tokenizer_that_does_not_give_the_text_back_is_refused_unless_accepted(lossy_hf_tokenizer, tmp_path):
+    from scenarios import build_stream
+
+    for i in range(40):
+        (tmp_path / f"{i}.txt").write_text(f"The Quick brown fox {i} jumps over the lazy dog\n" * 3)
+    args = dict(block_len=8, train_tokens=160, test_tokens=32, tokenizer=lossy_hf_tokenizer, progress=False,
+                cache_dir=tmp_path / "cache")
+    spec = [{"name": "fox", "path": str(tmp_path)}]
+    with pytest.raises(StreamError, match=r"^domain 'fox': tokenizer .* does not give the text back .*'The Quick"
+                                          r".*lossy_tokenizer"):
+        build_stream(spec, **args)
+    stream = build_stream(spec, lossy_tokenizer=True, **args)
+    assert stream.domain_info[0]["tokenizer_round_trip"] is False
+    with pytest.raises(StreamError, match="found when its blocks were cached"):  # the cache does not launder it
+        build_stream(spec, **args)
+
+
+def test_byte_and_lossless_tokenizers_round_trip(local_hf_tokenizer, tmp_path):
+    from scenarios import build_stream
+
+    (tmp_path / "a.txt").write_text("Déjà vu — the quick brown fox\n" * 40)
+    for tokenizer in ("byte", local_hf_tokenizer):
+        stream = build_stream([{"name": "a", "path": str(tmp_path)}], block_len=8, train_tokens=64, test_tokens=16,
+                              tokenizer=tokenizer, progress=False)
+        assert stream.domain_info[0]["tokenizer_round_trip"] is True

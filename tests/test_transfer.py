@@ -56,7 +56,9 @@ def test_single_domain_has_no_transfer():
 def test_summarize_keys_forgetting_by_domain():
     s = transfer.summarize(L, ["a", "b", "c"])
     assert s["forgetting"] == pytest.approx({"a": 1.7, "b": 1.0})
-    assert set(s) == {"forgetting", "forgetting_first_last", "bwt", "fwt", "final_average", "plasticity"}
+    assert set(s) == {"forgetting", "forgetting_first_last", "max_forgetting", "bwt", "fwt_gem", "fwt_zero_shot",
+                      "final_average", "plasticity"}
+    assert s["max_forgetting"] == pytest.approx(1.7) and s["fwt_zero_shot"] is None
 
 
 def test_matrix_shape_is_checked():
@@ -72,7 +74,7 @@ def test_bits_per_byte():
 def test_joint_matrix_has_only_a_final_average():
     s = transfer.summarize([[5.0, 5.0, 5.0], [1.0, 2.0, 3.0]], ["a", "b", "c"])
     assert s["final_average"] == pytest.approx(2.0)
-    assert s["bwt"] is None and s["fwt"] is None and s["forgetting"] == {} and s["plasticity"] is None
+    assert s["bwt"] is None and s["fwt_gem"] is None and s["forgetting"] == {} and s["plasticity"] is None
 
 
 def test_transfer_components_average_to_the_metric_definitions():
@@ -106,3 +108,66 @@ def test_experience_steps_follow_the_strategy(strategy, expected):
     assert steps == expected
     sets = {"naive": blocks, "cumulative": [37, 53, 103], "joint": [103]}[strategy]
     assert steps == [hand_steps(b, 8, 2, 2) for b in sets]
+
+
+# ---- zero-shot and curve forward transfer, bootstrap intervals, paired differences -------------
+
+def test_zero_shot_transfer_is_the_share_of_a_scratch_models_gain():
+    # j=1: (5 - 4.2) / (5 - 3.4) = 0.5 ; j=2: (5 - 4) / (5 - 3) = 0.5
+    s = transfer.summarize(L, ["a", "b", "c"], reference=[2.0, 3.4, 3.0])
+    assert s["fwt_zero_shot"] == pytest.approx(0.5) and s["fwt_gem"] == pytest.approx(0.9)
+
+
+def test_curve_transfer_averages_reference_minus_stream_after_the_first_domain():
+    assert transfer.curve_transfer([2.0, 3.0, 2.5], [2.0, 3.5, 3.5]) == pytest.approx((0.5 + 1.0) / 2)
+    assert transfer.curve_transfer([2.0, None, 2.5], [2.0, 3.5, 3.0]) == pytest.approx(0.5)
+    assert transfer.curve_transfer([2.0, None], [2.0, 3.0]) is None
+
+
+def blocks_of(matrix, n=30, spread=0.2, seed=0):
+    """Per-block losses whose means are exactly `matrix` (noise with zero mean per cell)."""
+    g = np.random.default_rng(seed)
+    out = []
+    for row in matrix:
+        cells = []
+        for v in row:
+            noise = g.normal(0, spread, size=n)
+            cells.append(v + noise - noise.mean())
+        out.append(cells)
+    return out
+
+
+def test_bootstrap_intervals_contain_each_figure_and_narrow_with_more_blocks():
+    iv = transfer.bootstrap_intervals(blocks_of(L), ["a", "b", "c"], [1.0, 2.0, 1.0], samples=400)
+    s = transfer.summarize(L, ["a", "b", "c"])
+    for key in ("final_average", "plasticity", "bwt", "fwt_gem", "max_forgetting"):
+        lo, hi = iv["nats"][key]
+        assert lo < s[key] < hi, key
+    lo, hi = iv["loss_interval"][3][1]
+    assert lo < 2.0 < hi
+    assert iv["bpb_interval"][3][1] == pytest.approx([lo / (math.log(2) * 2), hi / (math.log(2) * 2)])
+    assert set(iv["nats"]["forgetting"]) == {"a", "b"} and iv["nats"]["fwt_zero_shot"] is None
+    wide = transfer.bootstrap_intervals(blocks_of(L, n=10), ["a", "b", "c"], [1.0] * 3, samples=400)
+    narrow = transfer.bootstrap_intervals(blocks_of(L, n=1000), ["a", "b", "c"], [1.0] * 3, samples=400)
+    width = lambda i: i["nats"]["final_average"][1] - i["nats"]["final_average"][0]  # noqa: E731
+    assert width(narrow) < width(wide) / 4
+
+
+def test_bootstrap_is_seeded_and_resamples_the_same_blocks_at_every_stage():
+    a = transfer.bootstrap_intervals(blocks_of(L), ["a", "b", "c"], [1.0] * 3, samples=100, seed=3)
+    assert a == transfer.bootstrap_intervals(blocks_of(L), ["a", "b", "c"], [1.0] * 3, samples=100, seed=3)
+    # a constant offset between stages survives every resampling: BWT's interval collapses
+    blocks = blocks_of([[5.0, 5.0], [2.0, 4.0], [3.0, 1.0]])
+    blocks[2][0] = blocks[1][0] + 1.0
+    iv = transfer.bootstrap_intervals(blocks, ["a", "b"], [1.0, 1.0], samples=200)
+    assert iv["nats"]["bwt"] == pytest.approx([-1.0, -1.0])
+
+
+def test_paired_differences_of_equal_runs_are_exactly_zero_and_a_shift_is_found():
+    blocks = blocks_of(L)
+    same = transfer.paired_differences([blocks], [blocks], [1.0] * 3, samples=100)
+    assert all(v == (0.0, 0.0, 0.0) for v in same.values())
+    shifted = [row if s < 3 else [b + 0.1 for b in row] for s, row in enumerate(blocks)]
+    diff = transfer.paired_differences([blocks], [shifted], [1.0] * 3, samples=100)
+    assert diff["final_average"] == pytest.approx((0.1 / math.log(2),) * 3)  # paired: no spread at all
+    assert diff["plasticity"][0] == pytest.approx(0.1 / math.log(2) / 3)  # only the last domain's own stage

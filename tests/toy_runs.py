@@ -16,7 +16,8 @@ L = [[5.0, 5.0], [2.0, 4.0], [3.0, 1.0]]  # 2 domains: a forgets 1 nat, FWT to b
 def summary(scale: float = 1.0) -> dict:
     """`transfer.summarize` of L, worked out by hand (forgetting_a = 3 - 2, BWT = 2 - 3, FWT = 5 - 4)."""
     return {"forgetting": {"a": 1.0 * scale}, "forgetting_first_last": {"a": 1.0 * scale},
-            "bwt": -1.0 * scale, "fwt": 1.0 * scale, "final_average": 2.0 * scale, "plasticity": 1.5 * scale}
+            "max_forgetting": 1.0 * scale, "bwt": -1.0 * scale, "fwt_gem": 1.0 * scale,
+            "final_average": 2.0 * scale, "plasticity": 1.5 * scale}
 
 
 def results(**extra) -> dict:

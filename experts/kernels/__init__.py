@@ -2,15 +2,16 @@
 
 "reference" (plain torch, reference.py), "bag" (fused embedding-bag mixing, bag.py: the fast CPU
 path, runs on any device), "triton" (fused kernels, triton_kernels.py, imported lazily) and "auto"
-("triton" for float32 / bfloat16 / float16 CUDA tensors when triton imports, else "bag"). All
-compute the same function; EXPERTS_KERNEL overrides "auto". Design, tie order and numerics:
-docs/kernels.md.
+("triton" for float32 / bfloat16 / float16 CUDA tensors when triton imports and the kernels passed
+their self-check on that device model, else "bag"). All compute the same function;
+EXPERTS_KERNEL overrides "auto". Design, tie order and numerics: docs/kernels.md.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -51,7 +52,7 @@ def resolve(kernel: str, x: torch.Tensor, table: torch.Tensor) -> str:
             check_choice(ENV_VAR, env, KERNELS)
             kernel = env
     if kernel == "auto":
-        if x.is_cuda and table.dtype in _TRITON_DTYPES and triton_available():
+        if x.is_cuda and table.dtype in _TRITON_DTYPES and triton_available() and triton_agrees(x.device):
             return "triton"
         return "bag"
     if kernel == "triton":
@@ -62,6 +63,58 @@ def resolve(kernel: str, x: torch.Tensor, table: torch.Tensor) -> str:
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("kernel='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter)")
     return kernel
+
+
+_AGREES: dict[str, bool] = {}  # device -> the self-check's verdict (a device is one model)
+
+
+def triton_agrees(device: torch.device) -> bool:
+    """Whether the Triton kernels compute what the embedding-bag path computes on ``device``:
+    checked once per device and device model on a small random problem (retrieval ids and scores,
+    mixing output and every gradient). On a disagreement or an error, one warning line, and "auto"
+    takes the embedding-bag path there ("triton" still forces the kernels)."""
+    key = str(device)
+    if key not in _AGREES:
+        device = torch.device(device)
+        model = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        try:
+            problem = _self_check(device)
+        except Exception as err:  # a compile or launch failure is a disagreement too
+            problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        _AGREES[key] = problem is None
+        if problem is not None:
+            warnings.warn(f"experts: the Triton PEER kernels disagree with the embedding-bag path on {model} "
+                          f"({problem}); kernel='auto' uses the embedding-bag path there", stacklevel=3)
+    return _AGREES[key]
+
+
+def _self_check(device: torch.device) -> str | None:
+    """None when both paths agree on a small float32 problem, else what differs."""
+    g = torch.Generator().manual_seed(0)
+    T, H, d, n1, n2, k, D = 64, 2, 8, 16, 16, 4, 32
+    q = torch.randn(T, H, 2 * d, generator=g).to(device)
+    keys1, keys2 = (torch.randn(H, n, d, generator=g).to(device) for n in (n1, n2))
+    offset = torch.zeros(H, n1, device=device)
+    offset[:, -1] = float("-inf")  # a dormant row, as after growth
+    (s_t, i_t), (s_r, i_r) = _triton().retrieve(q, keys1, keys2, offset, k), reference.retrieve(q, keys1, keys2, offset, k)
+    if not torch.equal(i_t, i_r) or not torch.allclose(s_t, s_r, atol=1e-4, rtol=1e-4):
+        return "retrieval differs"
+    x = torch.randn(T, D, generator=g).to(device)
+    w = torch.rand(T, H * k, generator=g).to(device)
+    u, v = (torch.randn(n1 * n2, D, generator=g).to(device) / D ** 0.5 for _ in range(2))
+    ids = i_r.reshape(T, -1)
+    frozen = torch.zeros(n1 * n2, dtype=torch.bool, device=device)
+    frozen[ids[0, 0]] = True
+    outs = []
+    for path in (_triton().mix, bag.mix):
+        leaves = [t.clone().requires_grad_() for t in (x, w, u, v)]
+        y = path(leaves[0], leaves[1], ids, leaves[2], leaves[3], "gelu", frozen)
+        y.pow(2).sum().backward()
+        outs.append([y.detach()] + [t.grad for t in leaves])
+    for name, a, b in zip(("output", "dx", "dw", "du", "dv"), *outs):
+        if a is None or b is None or not torch.allclose(a, b, atol=1e-4, rtol=1e-3):
+            return f"mixing {name} differs"
+    return None
 
 
 def retrieve(kernel: str, q_THD, keys1_Hnd, keys2_Hnd, offset1_Hn, k: int):
@@ -80,5 +133,5 @@ def mix(kernel: str, x_TD, w_TM, ids_TM, u_ND, v_ND, activation: str, frozen_N=N
     return reference.mix(x_TD, w_TM, ids_TM, u_ND, v_ND, activation, frozen_N)
 
 
-__all__ = ["KERNELS", "ENV_VAR", "resolve", "retrieve", "mix", "check_kernel", "triton_available",
+__all__ = ["KERNELS", "ENV_VAR", "resolve", "retrieve", "mix", "check_kernel", "triton_available", "triton_agrees",
            "reference", "bag"]

@@ -18,17 +18,26 @@ from ..product_keys import product_topk
 
 def sub_key_scores(q_THD: torch.Tensor, keys1_Hnd: torch.Tensor, keys2_Hnd: torch.Tensor,
                    offset1_Hn: torch.Tensor):
-    """Queries [T, H, 2d] -> (s1 [T, H, n1] incl. the first codebook's offset1, s2 [T, H, n2])."""
+    """Queries [T, H, 2d] -> (s1 [T, H, n1] incl. the first codebook's offset1, s2 [T, H, n2]).
+
+    Scored in at least float32 whatever the autocast or storage dtype, as the Triton path does:
+    in bf16 the near-ties that decide top-k slots round differently, so routes would depend on
+    the path."""
     d = q_THD.shape[-1] // 2
-    s1_THn = torch.einsum("thd,hnd->thn", q_THD[..., :d], keys1_Hnd)
-    s2_THn = torch.einsum("thd,hnd->thn", q_THD[..., d:], keys2_Hnd)
-    return s1_THn + offset1_Hn.to(s1_THn.dtype), s2_THn
+    dtype = torch.promote_types(q_THD.dtype, torch.float32)
+    with torch.autocast(q_THD.device.type, enabled=False):
+        q_THD, keys1_Hnd, keys2_Hnd = q_THD.to(dtype), keys1_Hnd.to(dtype), keys2_Hnd.to(dtype)
+        s1_THn = torch.einsum("thd,hnd->thn", q_THD[..., :d], keys1_Hnd)
+        s2_THn = torch.einsum("thd,hnd->thn", q_THD[..., d:], keys2_Hnd)
+        return s1_THn + offset1_Hn.to(s1_THn.dtype), s2_THn
 
 
 def retrieve(q_THD: torch.Tensor, keys1_Hnd: torch.Tensor, keys2_Hnd: torch.Tensor, offset1_Hn: torch.Tensor,
              k: int):
-    """(scores [T, H, K] descending, flat expert ids [T, H, K]) of each head's exact top-k product keys."""
-    return product_topk(*sub_key_scores(q_THD, keys1_Hnd, keys2_Hnd, offset1_Hn), k)
+    """(scores [T, H, K] descending, flat expert ids [T, H, K]) of each head's exact top-k product keys,
+    scored and selected in at least float32, the scores returned in the queries' dtype (as Triton)."""
+    scores_THK, ids_THK = product_topk(*sub_key_scores(q_THD, keys1_Hnd, keys2_Hnd, offset1_Hn), k)
+    return scores_THK.to(q_THD.dtype), ids_THK
 
 
 def mix(x_TD: torch.Tensor, w_TM: torch.Tensor, ids_TM: torch.Tensor, u_ND: torch.Tensor, v_ND: torch.Tensor,

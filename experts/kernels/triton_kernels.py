@@ -261,6 +261,8 @@ def subkey_topk(q_THd: torch.Tensor, keys_Hnd: torch.Tensor, offset_Hn: torch.Te
     q_THd may be a strided view (a half of the query); its last dim must be contiguous."""
     T, H, d = q_THd.shape
     n = keys_Hnd.shape[1]
+    if q_THd.dtype in (torch.bfloat16, torch.float16):  # every path scores and selects in fp32
+        q_THd = q_THd.float()
     keys_Hnd = keys_Hnd.to(q_THd.dtype).contiguous()
     if q_THd.stride(-1) != 1:
         q_THd = q_THd.contiguous()

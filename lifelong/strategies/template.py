@@ -78,7 +78,11 @@ class LMTemplate(SupervisedTemplate):
 
     def _unpack_minibatch(self):
         self._shard_empty = False
+        # where this rank's blocks sit in the whole micro-batch (per-block evaluation metrics)
+        self.mb_global_size = len(self.mbatch[0])
+        self.mb_offset = 0
         if distributed.active():
+            self.mb_offset = distributed.shard_bounds(self.mb_global_size)[0]
             local = distributed.shard(list(self.mbatch))
             # A rank whose training slice is empty (a last micro-batch smaller than the world)
             # still runs the whole micro-batch with a zero loss scale, so every rank joins the
