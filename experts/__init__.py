@@ -17,6 +17,7 @@ from .dense import DenseFFN
 from .freezing import (attach, attached_layers, attached_optimizers, detach, freeze, freeze_existing, freeze_top_used,
                      frozen_ids, unfreeze)
 from .growth import kmeans
+from .isolation import row_contrast_loss
 from .moe import MoE, load_balancing_loss, router_z_loss
 from .peer import PEER, QueryNorm, parse_grid
 from .product_keys import ProductKeys, product_scores, product_topk, split_ids
@@ -29,5 +30,5 @@ __all__ = [
     "load_balancing_loss", "router_z_loss",
     "track_usage", "jaccard_overlap", "expert_set", "usage_fraction", "kl_to_uniform",
     "attach", "detach", "attached_layers", "attached_optimizers", "freeze", "unfreeze", "frozen_ids",
-    "freeze_existing", "freeze_top_used", "append_rows_", "kmeans", "kernels",
+    "freeze_existing", "freeze_top_used", "append_rows_", "kmeans", "row_contrast_loss", "kernels",
 ]

@@ -113,8 +113,8 @@ _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _Hooks:
-    """A step pre-hook that snapshots the layer's frozen rows (parameters and same-shaped
-    optimizer state) and a post-hook that restores them, then advances the warm-in by one step."""
+    """A step pre-hook that snapshots the layer's frozen slices (``layer.frozen_slices()``: parameters
+    and same-shaped optimizer state) and a post-hook that restores them, then advances the warm-in."""
 
     def __init__(self, layer: nn.Module, optimizer: torch.optim.Optimizer):
         self.layer_ref = weakref.ref(layer)
@@ -130,16 +130,15 @@ class _Hooks:
     def pre_step(self, optimizer, args, kwargs) -> None:
         self.snapshot = None
         layer = self.layer_ref()
-        if layer is None or not layer.has_frozen():
+        if layer is None:
             return
-        ids = torch.nonzero(layer.frozen).flatten()
         saved = []
-        for param in layer.expert_tables():
+        for param, dim, ids in layer.frozen_slices():
             state = optimizer.state.get(param, {})
-            moments = {key: value.index_select(0, ids) for key, value in state.items()
+            moments = {key: value.index_select(dim, ids) for key, value in state.items()
                        if torch.is_tensor(value) and value.shape == param.shape}
-            saved.append((param, param.index_select(0, ids), moments))
-        self.snapshot = (ids, saved)
+            saved.append((param, dim, ids, param.index_select(dim, ids), moments))
+        self.snapshot = saved or None
 
     @torch.no_grad()
     def post_step(self, optimizer, args, kwargs) -> None:
@@ -147,14 +146,13 @@ class _Hooks:
         if layer is None:
             return
         if self.snapshot is not None:
-            ids, saved = self.snapshot
-            self.snapshot = None
-            for param, rows, moments in saved:
-                param.index_copy_(0, ids, rows)
+            saved, self.snapshot = self.snapshot, None
+            for param, dim, ids, rows, moments in saved:
+                param.index_copy_(dim, ids, rows)
                 for key, value in optimizer.state.get(param, {}).items():
                     if torch.is_tensor(value) and value.shape == param.shape:
                         # state created by this very step started at zero for the frozen rows too
-                        value.index_copy_(0, ids, moments[key] if key in moments else value.new_zeros(rows.shape))
+                        value.index_copy_(dim, ids, moments[key] if key in moments else value.new_zeros(rows.shape))
         layer.advance_warmup(1)
 
 

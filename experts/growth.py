@@ -20,7 +20,9 @@ import torch
 from .checks import check_int, check_optimizer
 from .surgery import _pad
 
-INITS = ("random", "copy", "kmeans")
+INITS = ("random", "copy", "kmeans", "contrast")
+WARMINS = ("calibrated", "bound")
+KNOTS = 9  # points of a warm-in schedule: the offset at progress p = t / W = 0, 1/8, ..., 1
 
 
 # ---- cached buffer summaries ------------------------------------------------------------------
@@ -63,6 +65,49 @@ def advance_warmup_(offset: torch.Tensor, left: torch.Tensor, total: torch.Tenso
     active = left > 0
     left.sub_(steps).clamp_(min=0)
     offset.copy_(torch.where(active, warmup_offsets(left, total, margin), offset))
+
+
+def schedule_offsets(left: torch.Tensor, total: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
+    """Dormant score offsets [H, R] of rows following warm-in schedules ``knots`` [H, R, KNOTS] (the
+    offset at p = t / W = 0, 1/8, ..., 1, interpolated linearly): -inf while no step was taken
+    (left == total > 0), then the schedule at p = 1 - left / total, 0 once left == 0."""
+    K = knots.shape[-1]
+    p = 1.0 - left.to(knots.dtype) / total.clamp(min=1).to(knots.dtype)
+    pos = (p.clamp(0.0, 1.0) * (K - 1)).expand(knots.shape[:-1])
+    lo = pos.floor().clamp(max=K - 2).long()
+    frac = pos - lo.to(pos.dtype)
+    at = lambda i: knots.gather(-1, i.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    offset = at(lo) + (at(lo + 1) - at(lo)) * frac
+    offset = torch.where(left > 0, offset, torch.zeros_like(offset))
+    return torch.where((left == total) & (total > 0), torch.full_like(offset, -math.inf), offset)
+
+
+def advance_schedule_(offset: torch.Tensor, left: torch.Tensor, total: torch.Tensor, knots: torch.Tensor,
+                      steps: int) -> None:
+    """`advance_warmup_` for rows that follow warm-in schedules (`schedule_offsets`)."""
+    check_int("steps", steps)
+    active = left > 0
+    left.sub_(steps).clamp_(min=0)
+    offset.copy_(torch.where(active, schedule_offsets(left, total, knots), offset))
+
+
+def linear_knots(margin: torch.Tensor) -> torch.Tensor:
+    """The schedule [..., KNOTS] from -margin after the first step to 0, linear in the steps."""
+    return -margin.unsqueeze(-1) * (1.0 - torch.linspace(0.0, 1.0, KNOTS, dtype=margin.dtype))
+
+
+def calibrated_knots(gaps_TH: torch.Tensor) -> torch.Tensor:
+    """Warm-in schedules [H, KNOTS] from score gaps [T, H]: gap = the k-th best old product-key score
+    of a recent query minus the best score of the new rows (before any offset), so a new expert
+    enters that query's top-k once the offset exceeds its gap. The offset at p is the p * E0 quantile
+    of the gaps (E0 = share of gaps < 0, what new experts would reach at offset 0), capped at 0: the
+    share of recent queries new experts reach then grows linearly over the warm-in (docs/growth.md)."""
+    gaps_HT = gaps_TH.to(torch.float64).T
+    reach_H1 = (gaps_HT < 0).to(torch.float64).mean(-1, keepdim=True)
+    levels_HK = reach_H1 * torch.linspace(0.0, 1.0, KNOTS, dtype=torch.float64)
+    knots_HK = torch.stack([torch.quantile(g, lv) for g, lv in zip(gaps_HT, levels_HK)]).clamp(max=0.0)
+    knots_HK[:, -1] = 0.0
+    return knots_HK
 
 
 def score_margin(q_norm: torch.Tensor, old_keys: torch.Tensor, new_keys: torch.Tensor) -> torch.Tensor:
@@ -148,7 +193,8 @@ def normal(shape, std: float, generator) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float64) * std
 
 
-def new_subkeys(layer, rows: int, init: str, q1_THd: torch.Tensor | None, usage, generator) -> torch.Tensor:
+def new_subkeys(layer, rows: int, init: str, q1_THd: torch.Tensor | None, usage, generator,
+                old_q1_UHd: torch.Tensor | None = None) -> torch.Tensor:
     """Initial sub-keys [H, rows, key_dim/2] for new rows of a PEER's first codebook.
 
     random  N(0, 2/key_dim), as ProductKeys.reset_parameters.
@@ -158,6 +204,8 @@ def new_subkeys(layer, rows: int, init: str, q1_THd: torch.Tensor | None, usage,
     kmeans  k-means centres of the first-half queries q1 of ``inputs`` per head, rescaled to the
             mean norm of the head's existing sub-keys, so the new rows point where the current
             domain's queries are and score on the old keys' scale.
+    contrast  kmeans, then each key moved (`contrast_keys`) so that its cluster's queries reach it
+            and the earlier domains' queries (``old_q1_UHd``) do not; kmeans without them.
     """
     keys1 = layer.codebooks.keys1.detach()
     H, n1, d = keys1.shape
@@ -173,8 +221,49 @@ def new_subkeys(layer, rows: int, init: str, q1_THd: torch.Tensor | None, usage,
             base_HRd = keys1.to("cpu", torch.float64).gather(1, pick_HR.unsqueeze(-1).expand(H, rows, d))
             rms_HR1 = base_HRd.pow(2).mean(-1, keepdim=True).sqrt()
             return base_HRd + 0.01 * rms_HR1 * normal((H, rows, d), 1.0, generator)
-    if init == "kmeans":
+    if init in ("kmeans", "contrast"):
         centres_HRd = kmeans(q1_THd.transpose(0, 1), rows, generator=generator).to(torch.float64)
         scale_H11 = keys1.to("cpu", torch.float64).norm(dim=-1).mean(-1).view(H, 1, 1)
-        return centres_HRd / centres_HRd.norm(dim=-1, keepdim=True).clamp(min=1e-12) * scale_H11
+        keys_HRd = centres_HRd / centres_HRd.norm(dim=-1, keepdim=True).clamp(min=1e-12) * scale_H11
+        if init == "contrast" and old_q1_UHd is not None and len(old_q1_UHd):
+            old_keys_Hnd = keys1.to("cpu", torch.float64)
+            offset_Hn = layer.codebooks.offset1.detach().to("cpu", torch.float64)
+            keys_HRd = contrast_keys(keys_HRd, q1_THd, old_q1_UHd, old_keys_Hnd, offset_Hn, layer.top_k)
+        return keys_HRd
     return normal((H, rows, d), std, generator)
+
+
+def contrast_keys(keys_HRd: torch.Tensor, new_q_THd: torch.Tensor, old_q_UHd: torch.Tensor, old_keys_Hnd: torch.Tensor,
+                  offset_Hn: torch.Tensor, k: int, steps: int = 200, lr: float = 0.05,
+                  old_weight: float = 4.0) -> torch.Tensor:
+    """New first-codebook sub-keys [H, R, d] moved (norms kept) so that the new domain's queries reach
+    them and the earlier domains' do not. A row is reachable for a query whose first-half score on it
+    beats that query's k-th best old first-half score; each key maximises (sigmoid-smoothed) the share
+    of its k-means cluster's new queries that reach it minus ``old_weight`` x the share of old-domain
+    queries that do, by projected gradient ascent (Adam) from its k-means centre."""
+    new_q, old_q = new_q_THd.to(torch.float64).transpose(0, 1), old_q_UHd.to(torch.float64).transpose(0, 1)
+    kth = lambda q: (torch.einsum("htd,hnd->htn", q, old_keys_Hnd) + offset_Hn[:, None]).topk(  # noqa: E731
+        min(k, old_keys_Hnd.shape[1]), dim=-1).values[..., -1]
+    bar_new_HT, bar_old_HU = kth(new_q), kth(old_q)
+    cluster_HT = torch.einsum("htd,hrd->htr", new_q, keys_HRd).argmax(-1)  # each new query's nearest new key
+    member_HRT = (cluster_HT.unsqueeze(1) == torch.arange(keys_HRd.shape[1]).view(1, -1, 1)).to(torch.float64)
+    norm_HR1 = keys_HRd.norm(dim=-1, keepdim=True)
+    temp = float(bar_new_HT.std().clamp(min=1e-3)) * 0.25  # smoothing on the scale of the score spread
+    with torch.enable_grad():  # growth runs under no_grad
+        return _ascend(keys_HRd, new_q, old_q, bar_new_HT, bar_old_HU, member_HRT, norm_HR1, temp, steps, lr,
+                       old_weight)
+
+
+def _ascend(keys_HRd, new_q, old_q, bar_new_HT, bar_old_HU, member_HRT, norm_HR1, temp, steps, lr, old_weight):
+    keys = keys_HRd.clone().requires_grad_(True)
+    opt = torch.optim.Adam([keys], lr=lr * float(norm_HR1.mean()))
+    for _ in range(steps):
+        reach_new_HRT = torch.sigmoid((torch.einsum("htd,hrd->hrt", new_q, keys) - bar_new_HT.unsqueeze(1)) / temp)
+        reach_old_HRU = torch.sigmoid((torch.einsum("hud,hrd->hru", old_q, keys) - bar_old_HU.unsqueeze(1)) / temp)
+        gain = (reach_new_HRT * member_HRT).sum(-1) / member_HRT.sum(-1).clamp(min=1) - old_weight * reach_old_HRU.mean(-1)
+        opt.zero_grad()
+        (-gain.sum()).backward()
+        opt.step()
+        with torch.no_grad():
+            keys.mul_(norm_HR1 / keys.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+    return keys.detach()

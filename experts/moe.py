@@ -305,6 +305,13 @@ class MoE(nn.Module):
         """Whether any expert is frozen (cached on the buffer's version: no sync per forward)."""
         return growth.cached_stat(self.frozen, "any")
 
+    def frozen_slices(self) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+        """(parameter, dim 0, frozen expert ids) of every expert table (the optimizer guard keeps them)."""
+        if not self.has_frozen():
+            return []
+        ids = torch.nonzero(self.frozen).flatten()
+        return [(table, 0, ids) for table in self.expert_tables()]
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A checkpoint of a grown MoE (more experts) resizes this one to match first."""
         saved = state_dict.get(prefix + "router.weight")

@@ -21,7 +21,7 @@ from . import growth, kernels
 from .checks import (ACTIVATIONS, activation_fn, check_choice, check_dropout, check_inputs, check_int, check_key_dim,
                      check_last_dim, check_tokens, is_int)
 from .freezing import attach, surgery_targets
-from .product_keys import ProductKeys, check_top_k
+from .product_keys import ProductKeys, check_top_k, product_topk
 from .surgery import append_rows_, check_resizable_state, resize_rows_
 
 QUERY_NORMS = ("batchnorm", "layernorm", "rmsnorm", "none")
@@ -164,8 +164,15 @@ class PEER(nn.Module):
     def _route(self, x_TD: torch.Tensor, path: str | None = None):
         """(weights [T, H, K], ids [T, H, K]): what forward mixes with."""
         cb = self.codebooks
-        scores_THK, ids_THK = kernels.retrieve(path or self._path(x_TD), self._queries(x_TD), cb.keys1, cb.keys2,
+        scores_THK, ids_THK = kernels.retrieve(path or self._path(x_TD), self._queries(x_TD), cb.live_keys1(), cb.keys2,
                                                cb.offset1, self.top_k)
+        if cb.warming_up():
+            # A warm-in offset gates which experts are selected, not their weight once selected: an
+            # expert that enters a token's top-k mixes (and learns) with its full score at once.
+            warm_offset_Hn = torch.where(cb.warmup_left > 0, cb.offset1, torch.zeros_like(cb.offset1))
+            rows_THK = torch.div(ids_THK, self.grid[1], rounding_mode="floor")
+            heads_1H1 = torch.arange(self.heads, device=ids_THK.device).view(1, -1, 1)
+            scores_THK = scores_THK - warm_offset_Hn[heads_1H1, rows_THK].to(scores_THK.dtype)
         if self.score == "softmax":
             weights_THK = scores_THK.softmax(dim=-1)
         else:
@@ -208,22 +215,26 @@ class PEER(nn.Module):
 
     # ---- growth (docs/growth.md) ---------------------------------------------------------------
     def grow(self, n: int, optimizer=None, warmup_steps: int = 100, init: str = "random", inputs=None,
-             usage=None, generator: torch.Generator | None = None) -> torch.Tensor:
+             usage=None, generator: torch.Generator | None = None, warmin: str = "calibrated",
+             old_inputs=None) -> torch.Tensor:
         """Add at least ``n`` experts as ceil(n / n2) new grid rows; returns their ids, the int64 range
         old_N ..< new_N on the layer's device. Function-preserving: new rows score -inf until the first
-        optimizer step, then -margin * (1 - t / warmup_steps); 0 is live at once (docs/growth.md, 'Warm-in').
+        optimizer step, then follow a schedule that reaches 0 after warmup_steps (docs/growth.md, 'Warm-in').
 
         optimizer: gets the state surgery (docs/growth.md, 'Optimizer surgery') and the hooks (attach);
             optimizers already attached get the same surgery. With none, call advance_warmup() per step.
-        init: new sub-keys "random" | "copy" (most-used rows of ``usage``, a UsageCounter or counts) |
-            "kmeans" (of ``inputs``), see growth.new_subkeys; u / v rows follow reset_parameters.
-        inputs: recent x [..., dim]; needed by "kmeans", and sets the margin's query norm.
+        init: new sub-keys "random" | "copy" (most-used rows of ``usage``) | "kmeans" (of ``inputs``) |
+            "contrast" (kmeans moved away from ``old_inputs``' queries), see growth.new_subkeys.
+        warmin: "calibrated" (the share of ``inputs``' queries new experts reach grows linearly) or
+            "bound" (linear from a margin no query can beat); "bound" without inputs.
+        inputs / old_inputs: recent x [..., dim] of the current / of earlier domains.
         generator: a CPU torch.Generator for every random draw (None = torch's global RNG).
         """
         growth.check_grow_args(n, warmup_steps, optimizer)
         check_choice("init", init, growth.INITS)
-        if init == "kmeans" and inputs is None:
-            raise ValueError('init="kmeans" needs inputs: recent inputs x [..., dim] of the layer')
+        check_choice("warmin", warmin, growth.WARMINS)
+        if init in ("kmeans", "contrast") and inputs is None:
+            raise ValueError(f'init="{init}" needs inputs: recent inputs x [..., dim] of the layer')
         n2 = self.grid[1]
         rows = -(-n // n2)
         old_n = self.num_experts
@@ -233,17 +244,24 @@ class PEER(nn.Module):
             if init == "kmeans" and q1_THd.shape[0] < rows:
                 raise ValueError(f'init="kmeans" needs at least {rows} input tokens (one per new row), '
                                  f"got {q1_THd.shape[0]}")
-        keys_HRd = growth.new_subkeys(self, rows, init, q1_THd, usage, generator)
-        half = self.key_dim // 2
-        q_norm_H = (q1_THd.norm(dim=-1).amax(0) if q1_THd is not None
-                    else torch.full((self.heads,), math.sqrt(half), dtype=torch.float64))
-        margin_H = growth.score_margin(q_norm_H, self.codebooks.keys1.detach().to("cpu", torch.float64), keys_HRd)
+        old_q1_UHd = None
+        if old_inputs is not None and init == "contrast":
+            old_q1_UHd = self._probe_queries(old_inputs)[..., : self.key_dim // 2].to("cpu", torch.float64)
+        keys_HRd = growth.new_subkeys(self, rows, init, q1_THd, usage, generator, old_q1_UHd)
+        if warmin == "calibrated" and inputs is not None:
+            knots_HK = growth.calibrated_knots(self._score_gaps(inputs, keys_HRd))
+        else:
+            half = self.key_dim // 2
+            q_norm_H = (q1_THd.norm(dim=-1).amax(0) if q1_THd is not None
+                        else torch.full((self.heads,), math.sqrt(half), dtype=torch.float64))
+            knots_HK = growth.linear_knots(
+                growth.score_margin(q_norm_H, self.codebooks.keys1.detach().to("cpu", torch.float64), keys_HRd))
         u_RD = growth.uniform((rows * n2, self.dim), self._u_bound, generator)
         v_RD = growth.uniform((rows * n2, self.dim), self._v_bound, generator)
 
         optimizers = surgery_targets(self, optimizer)
         check_resizable_state([self.codebooks.keys1, self.expert_u, self.expert_v], optimizers)
-        self.codebooks.append_rows(keys_HRd, warmup_steps, margin_H, optimizers)
+        self.codebooks.append_rows(keys_HRd, warmup_steps, knots_HK, optimizers)
         append_rows_(self.expert_u, u_RD, dim=0, optimizers=optimizers)
         append_rows_(self.expert_v, v_RD, dim=0, optimizers=optimizers)
         self.frozen = torch.cat([self.frozen, self.frozen.new_zeros(rows * n2)])
@@ -252,6 +270,20 @@ class PEER(nn.Module):
         if optimizer is not None:
             attach(self, optimizer)
         return torch.arange(old_n, self.num_experts, device=self.expert_u.device)
+
+    @torch.no_grad()
+    def _score_gaps(self, inputs: torch.Tensor, new_keys_HRd: torch.Tensor) -> torch.Tensor:
+        """[T, H]: each query's k-th best score among the current experts minus the best score among
+        experts of the new first-codebook rows ``new_keys_HRd`` (any column), before their offset."""
+        q_THD = self._probe_queries(inputs).to("cpu", torch.float64)
+        half = self.key_dim // 2
+        cb = self.codebooks
+        keys1, keys2 = cb.keys1.detach().to("cpu", torch.float64), cb.keys2.detach().to("cpu", torch.float64)
+        s1_THn = torch.einsum("thd,hnd->thn", q_THD[..., :half], keys1) + cb.offset1.to("cpu", torch.float64)
+        s2_THn = torch.einsum("thd,hnd->thn", q_THD[..., half:], keys2)
+        kth_TH = product_topk(s1_THn, s2_THn, self.top_k)[0][..., -1]
+        new_best_TH = torch.einsum("thd,hrd->thr", q_THD[..., :half], new_keys_HRd).amax(-1) + s2_THn.amax(-1)
+        return kth_TH - new_best_TH
 
     @torch.no_grad()
     def _probe_queries(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -289,6 +321,17 @@ class PEER(nn.Module):
     def has_frozen(self) -> bool:
         """Whether any expert is frozen (cached on the buffer's version: no sync per forward)."""
         return growth.cached_stat(self.frozen, "any")
+
+    def frozen_slices(self) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+        """(parameter, dim, indices) of everything frozen: expert rows of both tables and frozen
+        first-codebook sub-key rows (what the optimizer guard of experts.attach keeps)."""
+        out = []
+        if self.has_frozen():
+            ids = torch.nonzero(self.frozen).flatten()
+            out += [(table, 0, ids) for table in self.expert_tables()]
+        if self.codebooks.has_frozen_rows():
+            out.append((self.codebooks.keys1, 1, torch.nonzero(self.codebooks.frozen_rows).flatten()))
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A checkpoint of a grown layer (larger expert tables) resizes this one to match first;

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .checks import check_int, check_key_dim
-from .growth import advance_warmup_, cached_stat, warmup_offsets
+from .growth import KNOTS, advance_schedule_, cached_stat, linear_knots, schedule_offsets
 from .surgery import append_rows_, resize_rows_
 
 
@@ -71,9 +71,9 @@ class ProductKeys(nn.Module):
     Every head has its own two codebooks over the one shared expert pool (PEER section 2,
     multi-head retrieval); sub-keys start N(0, 1/(D/2)) (docs/peer.md, 'Initialisation').
     Growth state per first-codebook row, in buffers so checkpoints carry it: warmup_left /
-    warmup_total [n1] (warm-in steps to go / in all; 0 = live), warmup_margin [H, n1] (handicap
-    after step 0), generation [n1] (0 = original, g = added by the g-th growth). append_rows()
-    grows the codebook, advance_warmup() anneals offset1 (docs/growth.md, 'Warm-in').
+    warmup_total [n1] (warm-in steps to go / in all; 0 = live), warmup_knots [H, n1, KNOTS] (the
+    row's offset schedule after step 0), generation [n1] (0 = original, g = added by the g-th
+    growth). append_rows() grows the codebook, advance_warmup() anneals offset1 (docs/growth.md).
     """
 
     def __init__(self, heads: int, n1: int, n2: int, key_dim: int):
@@ -90,8 +90,10 @@ class ProductKeys(nn.Module):
         self.register_buffer("offset1", torch.zeros(heads, n1))
         self.register_buffer("warmup_left", torch.zeros(n1, dtype=torch.int64))
         self.register_buffer("warmup_total", torch.zeros(n1, dtype=torch.int64))
-        self.register_buffer("warmup_margin", torch.zeros(heads, n1))
+        self.register_buffer("warmup_knots", torch.zeros(heads, n1, KNOTS))
         self.register_buffer("generation", torch.zeros(n1, dtype=torch.int64))
+        # first-codebook rows that do not learn (experts.freeze of whole grid rows; trainable scopes)
+        self.register_buffer("frozen_rows", torch.zeros(n1, dtype=torch.bool))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -103,11 +105,27 @@ class ProductKeys(nn.Module):
     def grid(self) -> tuple[int, int]:
         return self.keys1.shape[1], self.keys2.shape[1]
 
+    def live_keys1(self) -> torch.Tensor:
+        """keys1 as retrieval uses it: frozen rows detached, so they get no gradient on any path."""
+        if not self.has_frozen_rows():
+            return self.keys1
+        return torch.where(self.frozen_rows[None, :, None], self.keys1.detach(), self.keys1)
+
+    def has_frozen_rows(self) -> bool:
+        """Whether any first-codebook row is frozen (cached: no device sync per forward)."""
+        return cached_stat(self.frozen_rows, "any")
+
+    def set_frozen_rows(self, mask: torch.Tensor | None) -> None:
+        """Freeze the first-codebook rows where ``mask`` [n1] is true (None: none); the optimizer guard
+        of experts.attach keeps them and their optimizer state bit-identical."""
+        with torch.no_grad():
+            self.frozen_rows.copy_(torch.zeros_like(self.frozen_rows) if mask is None else mask.to(self.frozen_rows))
+
     def half_scores(self, q_THD: torch.Tensor):
         """Queries [..., H, D] -> (s1 [..., H, n1] incl. offset1, s2 [..., H, n2])."""
         half = self.key_dim // 2
         q1_THd, q2_THd = q_THD[..., :half], q_THD[..., half:]
-        s1_THa = torch.einsum("...hd,hnd->...hn", q1_THd, self.keys1)
+        s1_THa = torch.einsum("...hd,hnd->...hn", q1_THd, self.live_keys1())
         s2_THb = torch.einsum("...hd,hnd->...hn", q2_THd, self.keys2)
         return s1_THa + self.offset1.to(s1_THa.dtype), s2_THb
 
@@ -120,27 +138,29 @@ class ProductKeys(nn.Module):
         return product_scores(*self.half_scores(q_THD))
 
     # ---- growth -------------------------------------------------------------------------------
-    def append_rows(self, keys_HRd: torch.Tensor, warmup_steps: int, margin_H: torch.Tensor,
+    def append_rows(self, keys_HRd: torch.Tensor, warmup_steps: int, knots_HK: torch.Tensor,
                     optimizers=()) -> None:
         """Append R sub-keys [H, R, D/2] to every head's first codebook as one new generation.
 
-        The new rows' offset starts at -inf (0 if warmup_steps == 0) with ``margin_H`` [H] as their
-        handicap after the first step; the optimizers' keys1 state is extended (surgery.append_rows_).
+        The new rows' offset starts at -inf (0 if warmup_steps == 0), then follows each head's
+        schedule ``knots_HK`` [H, KNOTS] (growth.schedule_offsets); the optimizers' keys1 state is
+        extended (surgery.append_rows_).
         """
         check_int("warmup_steps", warmup_steps, minimum=0)
         H, R = keys_HRd.shape[:2]
-        if H != self.heads or margin_H.shape != (H,):
-            raise ValueError(f"expected keys [heads={self.heads}, R, {self.key_dim // 2}] and margin [{self.heads}], "
-                             f"got {tuple(keys_HRd.shape)} and {tuple(margin_H.shape)}")
+        if H != self.heads or knots_HK.shape != (H, KNOTS):
+            raise ValueError(f"expected keys [heads={self.heads}, R, {self.key_dim // 2}] and a schedule "
+                             f"[{self.heads}, {KNOTS}], got {tuple(keys_HRd.shape)} and {tuple(knots_HK.shape)}")
         append_rows_(self.keys1, keys_HRd, dim=1, optimizers=optimizers)
         steps_R = self.warmup_left.new_full((R,), warmup_steps)
-        margin_HR = margin_H.to(self.warmup_margin).unsqueeze(1).expand(H, R)
+        knots_HRK = knots_HK.to(self.warmup_knots).unsqueeze(1).expand(H, R, KNOTS)
         self.warmup_left = torch.cat([self.warmup_left, steps_R])
         self.warmup_total = torch.cat([self.warmup_total, steps_R])
-        self.warmup_margin = torch.cat([self.warmup_margin, margin_HR], dim=1)
-        self.offset1 = torch.cat([self.offset1, warmup_offsets(steps_R, steps_R, margin_HR).to(self.offset1)], dim=1)
+        self.warmup_knots = torch.cat([self.warmup_knots, knots_HRK], dim=1)
+        self.offset1 = torch.cat([self.offset1, schedule_offsets(steps_R, steps_R, knots_HRK).to(self.offset1)], dim=1)
         newest = int(self.generation.max()) + 1
         self.generation = torch.cat([self.generation, self.generation.new_full((R,), newest)])
+        self.frozen_rows = torch.cat([self.frozen_rows, self.frozen_rows.new_zeros(R)])
 
     def warming_up(self) -> bool:
         """Whether any row still has warm-in steps to go (cached: no device sync per call)."""
@@ -151,7 +171,7 @@ class ProductKeys(nn.Module):
         check_int("steps", steps)
         if self.warming_up():
             with torch.no_grad():
-                advance_warmup_(self.offset1, self.warmup_left, self.warmup_total, self.warmup_margin, steps)
+                advance_schedule_(self.offset1, self.warmup_left, self.warmup_total, self.warmup_knots, steps)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A checkpoint of a grown codebook (more first-codebook rows) resizes this one to match
@@ -160,9 +180,14 @@ class ProductKeys(nn.Module):
         if torch.is_tensor(saved) and saved.dim() == 3 and saved.shape[1] > self.keys1.shape[1]:
             n1 = saved.shape[1]
             resize_rows_(self, "keys1", n1, dim=1)
-            for name, dim in (("offset1", 1), ("warmup_margin", 1), ("warmup_left", 0),
-                              ("warmup_total", 0), ("generation", 0)):
+            for name, dim in (("offset1", 1), ("warmup_knots", 1), ("warmup_left", 0),
+                              ("warmup_total", 0), ("generation", 0), ("frozen_rows", 0)):
                 resize_rows_(self, name, n1, dim=dim)
+        if prefix + "frozen_rows" not in state_dict:  # checkpoints of earlier versions: none frozen
+            state_dict[prefix + "frozen_rows"] = torch.zeros(self.keys1.shape[1], dtype=torch.bool)
+        margin = state_dict.pop(prefix + "warmup_margin", None)  # checkpoints of earlier versions
+        if margin is not None and prefix + "warmup_knots" not in state_dict:
+            state_dict[prefix + "warmup_knots"] = linear_knots(margin)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="experts added to each expert layer (PEER rounds up to whole grid rows)")
     grow.add_argument("--warmup-steps", type=int, default=100, metavar="W",
                       help="optimizer steps over which the new keys wake up (default 100)")
-    grow.add_argument("--init", choices=("random", "copy", "kmeans"), default="kmeans",
+    grow.add_argument("--warmin", choices=("calibrated", "bound"), default="calibrated",
+                      help="how new keys enter (default calibrated: from the score gaps of the next domain's queries)")
+    grow.add_argument("--init", choices=("random", "copy", "kmeans", "contrast"), default="kmeans",
                       help="placement of new PEER sub-keys (default kmeans: centres of the next domain's queries)")
     grow.add_argument("--layer", action="append", metavar="NAME", help="only this layer, e.g. blocks.2.ffn")
 
@@ -151,7 +153,8 @@ def cmd_grow(args) -> int:
 
     if args.experts < 1 or args.warmup_steps < 0:
         raise ConfigError("--experts must be >= 1 and --warmup-steps >= 0")
-    new = growth.grow_checkpoint(args.path, args.experts, args.warmup_steps, args.init, args.layer)
+    new = growth.grow_checkpoint(args.path, args.experts, args.warmup_steps, args.init, args.layer,
+                                 warmin=args.warmin)
     print(f"wrote {new}; continue with: lifelong run --resume {new.parent.parent}")
     return 0
 

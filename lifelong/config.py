@@ -3,14 +3,14 @@ loader (`scenarios.spec.load_dataclass`): unknown keys are rejected with the lis
 their section and every value is checked against its annotation (`Literal[...]` for every
 choice), so a typo never silently falls back to a default. Semantic checks live in each
 section's `__post_init__` (litgpt style), cross-section checks in `RunConfig`. The model's
-settings are defined next to the model (lifelong/model.py); presets, YAML files and `--set`
-overrides are layered in lifelong/presets.
+settings are defined next to the model (lifelong/model.py), the strategy section in
+lifelong/strategy_config.py; presets, YAML files and `--set` overrides are layered in
+lifelong/presets.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +18,7 @@ import yaml
 
 from lifelong.errors import ConfigError, check_non_negative, check_positive
 from lifelong.model import ModelConfig
+from lifelong.strategy_config import FSDP_STRATEGIES, PER_PARAMETER_STRATEGIES, StrategyConfig
 from scenarios.spec import DomainSpec, load_dataclass
 
 # Keys of earlier versions, refused with the key that replaced them.
@@ -31,6 +32,10 @@ RENAMED_KEYS = {
     "strategy.agem_patterns": "strategy.agem.patterns",
     "strategy.agem_sample_size": "strategy.agem.sample_size",
 }
+
+# The named groups of a trainable scope (train.trainable; lifelong/scopes.py).
+SCOPE_GROUPS = ("all", "embeddings", "attention", "norms", "dense", "queries", "keys", "experts", "new_experts",
+                "new_keys")
 
 
 @dataclass
@@ -110,6 +115,11 @@ class TrainConfig:
     """Times a diverged run (NaN/Inf loss) restarts from its last checkpoint with a lower lr (0 = stop)."""
     rollback_lr_factor: float = 0.5
     """Each rollback multiplies every parameter group's learning rate by this factor."""
+    trainable: list[str] = field(default_factory=list)
+    """What learns in each experience: entry i is experience i's scope (the last one repeats; [] =
+    everything, always). A scope is a comma-separated list of groups (all, embeddings, attention,
+    norms, dense, queries, keys, experts, new_experts, new_keys) and parameter-name patterns (`blocks.3.*`).
+    The rest is frozen: out of the optimizer, bit-identical (lifelong/scopes.py)."""
 
     def __post_init__(self) -> None:
         check_positive("train", batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
@@ -123,110 +133,16 @@ class TrainConfig:
                               f"({self.grad_accum})")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        for i, scope in enumerate(self.trainable):
+            items = [item.strip() for item in scope.split(",")]
+            bad = [item for item in items if not item or (item not in SCOPE_GROUPS and not any(
+                c in item for c in ".*?["))]
+            if bad:
+                raise ConfigError(f"train.trainable[{i}]: {bad[0]!r} is neither a group ({', '.join(SCOPE_GROUPS)}) "
+                                  "nor a parameter-name pattern like 'blocks.3.*'")
         if self.optimizer == "rowwise_adamw" and self.parallel == "fsdp":
             raise ConfigError("train.optimizer 'rowwise_adamw' cannot update FSDP-sharded tables "
                               "(use train.parallel=ddp or train.optimizer=adamw)")
-
-
-@dataclass
-class ReplayConfig:
-    """Experience replay from a class-free reservoir of past blocks."""
-
-    buffer_tokens: int = 65_536
-    """Memory size in tokens (rounded down to whole blocks)."""
-    batch_ratio: float = 0.5
-    """Replayed blocks per minibatch, as a fraction of train.batch_size."""
-
-    def __post_init__(self) -> None:
-        check_positive("strategy.replay", buffer_tokens=self.buffer_tokens, batch_ratio=self.batch_ratio)
-
-
-@dataclass
-class DistillConfig:
-    """Token-level distillation from the model frozen at the end of the previous experience (LwF for LMs)."""
-
-    weight: float = 1.0
-    """Weight of the KL term added to the next-token loss."""
-    temperature: float = 2.0
-    """Softmax temperature of both distributions; the KL is scaled by temperature^2."""
-
-    def __post_init__(self) -> None:
-        check_positive("strategy.distill", temperature=self.temperature)
-        check_non_negative("strategy.distill", weight=self.weight)
-
-
-@dataclass
-class EWCConfig:
-    """Elastic Weight Consolidation (Kirkpatrick et al. 2017): a quadratic penalty weighted by the Fisher."""
-
-    weight: float = 100.0
-    """Penalty weight (lambda)."""
-    mode: Literal["separate", "online"] = "separate"
-    """"separate" (one penalty per past experience) or "online" (one decayed running penalty)."""
-    decay: float = 0.9
-    """Decay of the online importance (mode "online")."""
-
-    def __post_init__(self) -> None:
-        check_non_negative("strategy.ewc", weight=self.weight)
-        if not 0 <= self.decay <= 1:
-            raise ConfigError(f"strategy.ewc.decay must be in [0, 1], got {self.decay!r}")
-
-
-@dataclass
-class SIConfig:
-    """Synaptic Intelligence (Zenke et al. 2017): importances from the path integral of the updates."""
-
-    weight: float = 1.0
-    """Penalty weight (lambda)."""
-
-    def __post_init__(self) -> None:
-        check_non_negative("strategy.si", weight=self.weight)
-
-
-@dataclass
-class MASConfig:
-    """Memory Aware Synapses (Aljundi et al. 2018): importances from the output's sensitivity."""
-
-    weight: float = 1.0
-    """Penalty weight (lambda)."""
-
-    def __post_init__(self) -> None:
-        check_non_negative("strategy.mas", weight=self.weight)
-
-
-@dataclass
-class AGEMConfig:
-    """Averaged Gradient Episodic Memory (Chaudhry et al. 2019)."""
-
-    patterns: int = 256
-    """Blocks stored per experience."""
-    sample_size: int = 64
-    """Blocks sampled from memory to compute the reference gradient."""
-
-    def __post_init__(self) -> None:
-        check_positive("strategy.agem", patterns=self.patterns, sample_size=self.sample_size)
-
-
-StrategyName = Literal["naive", "replay", "ewc", "si", "mas", "agem", "cumulative", "joint", "distill"]
-STRATEGIES: tuple[str, ...] = typing.get_args(StrategyName)
-# Strategies with per-parameter importances, which do not follow a growing expert table.
-PER_PARAMETER_STRATEGIES = ("ewc", "si", "mas")
-# Strategies that run with FSDP-sharded parameters: none keeps a copy of the model or per-parameter state.
-FSDP_STRATEGIES = ("naive", "replay", "cumulative", "joint")
-
-
-@dataclass
-class StrategyConfig:
-    """The continual-learning strategy and its settings, one nested section per strategy."""
-
-    name: StrategyName = "naive"
-    """One of naive, replay, ewc, si, mas, agem, cumulative, joint (the upper bound), distill."""
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    ewc: EWCConfig = field(default_factory=EWCConfig)
-    si: SIConfig = field(default_factory=SIConfig)
-    mas: MASConfig = field(default_factory=MASConfig)
-    agem: AGEMConfig = field(default_factory=AGEMConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass
@@ -240,9 +156,24 @@ class GrowthConfig:
     """Experts added per growth and layer (PEER rounds up to whole rows of the product-key grid)."""
     warmup_steps: int = 100
     """Optimizer steps over which new keys' dormant score offset anneals to 0."""
-    init: Literal["random", "copy", "kmeans"] = "kmeans"
-    """New PEER sub-keys: "random", "copy" (of the most-used keys, with noise) or "kmeans"
-    (centres of the current data's first-half queries, so new experts attract the new domain)."""
+    warmin: Literal["calibrated", "bound"] = "calibrated"
+    """PEER warm-in schedule: "calibrated" (from the score gaps of recent queries: the share of them
+    new experts reach grows linearly) or "bound" (linear from a margin no query can beat)."""
+    init: Literal["random", "copy", "kmeans", "contrast"] = "kmeans"
+    """New PEER sub-keys: "random", "copy" (of the most-used keys, with noise), "kmeans" (centres of
+    the current data's first-half queries) or "contrast" (kmeans, moved away from the queries of the
+    earlier domains kept in `reservoir_blocks`)."""
+    reservoir_blocks: int = 16
+    """Blocks of each finished domain kept (and checkpointed) for "contrast" placement and `isolate`."""
+    isolate: float = 0.0
+    """Weight of the routing contrast loss (experts.row_contrast_loss) on every grown PEER layer: the
+    newest rows should win the current domain's queries and lose the reservoir's by `isolate_margin`
+    (0 = off)."""
+    isolate_margin: float = 1.0
+    """Score margin of the routing contrast loss."""
+    isolate_queries: bool = False
+    """Whether the PEER query networks learn from the routing contrast loss too (keys alone cannot
+    separate domains whose queries overlap)."""
     every_steps: int = 500
     """Growth period for schedule "steps"."""
     trigger: Literal["usage", "plateau"] = "usage"
@@ -264,7 +195,9 @@ class GrowthConfig:
     def __post_init__(self) -> None:
         check_positive("growth", experts=self.experts, every_steps=self.every_steps,
                         check_every=self.check_every, plateau_window=self.plateau_window)
-        check_non_negative("growth", warmup_steps=self.warmup_steps, max_growths=self.max_growths)
+        check_non_negative("growth", warmup_steps=self.warmup_steps, max_growths=self.max_growths,
+                           reservoir_blocks=self.reservoir_blocks, isolate=self.isolate,
+                           isolate_margin=self.isolate_margin)
         if not 0 < self.usage_threshold <= 1 or not 0 < self.freeze_fraction <= 1:
             raise ConfigError("growth.usage_threshold and growth.freeze_fraction must be in (0, 1]")
         if self.freeze == "existing" and self.schedule == "none":
@@ -344,6 +277,9 @@ class RunConfig:
             raise ConfigError("model.peer.query_norm 'batchnorm' needs stream.block_len >= 2 "
                               "(or use layernorm, rmsnorm or none)")
         if self.train.parallel == "fsdp":
+            if self.train.trainable:
+                raise ConfigError("train.trainable with train.parallel 'fsdp' is not supported: the scopes change "
+                                  "the optimizer's groups, which FSDP shards (use train.parallel=ddp)")
             if growing:
                 raise ConfigError("growth with train.parallel 'fsdp' is not supported: growing a sharded expert "
                                   "table needs a re-shard of the model and optimizer (use train.parallel=ddp)")

@@ -23,7 +23,7 @@ from avalanche.logging import TensorboardLogger
 from avalanche.training.plugins import EvaluationPlugin
 
 import experts
-from lifelong import checkpoint, distributed, rundir, snapshots
+from lifelong import checkpoint, distributed, rundir, snapshots, transfer
 from lifelong import results as results_io
 from lifelong.build import build_model, load_benchmark, resolve_device, seed_everything
 from lifelong.checkpoint import Progress, RunState
@@ -32,8 +32,9 @@ from lifelong.errors import ConfigError, TrainingDiverged
 from lifelong.loggers import CSVMetricLogger, wandb_logger
 from lifelong.metrics import DomainLossMetric, ExpertUsageMetric, TrainLossMetric
 from lifelong.plots import save_matrix_heatmap
-from lifelong.plugins import CurvePlugin, GrowthPlugin, ProgressPlugin
+from lifelong.plugins import CurvePlugin, GrowthPlugin, ProgressPlugin, TrainableScopePlugin
 from lifelong.reference import curve_mean, scratch_references
+from lifelong.scopes import ScopeManager
 from lifelong.strategies import build_strategy, load_strategy_state, strategy_state_dict
 from lifelong.training import build_optimizer
 
@@ -84,10 +85,15 @@ class RunSession:
         if cfg.eval.curve_every:
             plugins.append(CurvePlugin(self.model, self.probes, cfg.eval.curve_every,
                                        loggers=[self.csv_logger, self.tb_logger] if self.main else []))
+        self.scopes = ScopeManager(self.model, self.optimizer, cfg.train.trainable)
         self.growth = None
         if cfg.growth.schedule != "none" or cfg.growth.freeze != "none":
-            self.growth = GrowthPlugin(cfg.growth, self.model, echo=echo)
+            self.growth = GrowthPlugin(cfg.growth, self.model, echo=echo,
+                                       loggers=[self.csv_logger, self.tb_logger] if self.main else [],
+                                       on_growth=self.scopes.apply if cfg.train.trainable else None)
             plugins.append(self.growth)
+        if cfg.train.trainable:  # after the growth plugin: `new_experts` names what it just added
+            plugins.append(TrainableScopePlugin(self.scopes))
         self.strategy = build_strategy(
             cfg, self.model, self.optimizer, evaluator, self.device, plugins=plugins,
             # a distillation teacher saved before growth is loaded into a model of its size
@@ -100,7 +106,17 @@ class RunSession:
         self.progress.block_losses.append([b.tolist() for b in blocks])
 
     def _record_usage(self, stats: dict, counts: dict) -> None:
-        """Usage summary into the results; the raw per-head counts go into the stage snapshot."""
+        """Usage summary (with each domain's isolation from grown experts) into the results; the raw
+        per-head counts go into the stage snapshot."""
+        learned = len(self.progress.stages)  # this stage's index: the domains trained so far
+        if self.cfg.strategy.name == "joint" and learned:
+            learned = len(self.domains)
+        events = sorted(self.manual_growth + (self.growth.events if self.growth else []), key=lambda e: e["step"])
+        for name, layer in self.model.expert_layers().items():
+            experience_of = {g + 1: e["experience"] for g, e in enumerate(x for x in events if x["layer"] == name)}
+            per_domain = np.stack([counts[name][d].sum(0).cpu().numpy() for d in self.domains])
+            stats[name]["intrusion"], stats[name]["own"] = transfer.isolation_shares(
+                per_domain, layer.expert_generation().cpu().numpy(), experience_of, learned)
         self.progress.expert_stats.append(stats)
         self._stage_usage = counts
 
@@ -146,13 +162,15 @@ class RunSession:
                 f"checkpoint {path} was written {'with' if not self.sharded else 'without'} FSDP-sharded "
                 f"parameters; resume it {'under torchrun with ' if not self.sharded else 'with '}the same "
                 "train.parallel setting")
+        progress = Progress(**state.progress)
         if self.sharded:
             distributed.load_full_state(self.model, self.optimizer, checkpoint.read_weights(path), state.optimizer)
         else:
             checkpoint.load_weights(path, self.model)
             self.model.to(self.device)
+            self.scopes.apply_saved(progress.next_experience, inside=state.position is not None)
             self.optimizer.load_state_dict(state.optimizer)
-        self.progress = Progress(**state.progress)
+        self.progress = progress
         self.manual_growth = list(state.manual_growth_events)
         self.domain_loss.stage = state.metric_counters["stage"]
         self.expert_usage.stage = state.metric_counters["usage_stage"]
@@ -283,6 +301,7 @@ class RunSession:
             experience_steps=p.experience_steps,
             rollbacks=p.rollbacks,
             experts=results_io.per_layer(p.expert_stats),
+            **results_io.isolation(p.expert_stats),
             growth_events=sorted(self.manual_growth + (self.growth.events if self.growth else []),
                                  key=lambda e: (e["step"], e["layer"])),
             freeze_events=self.growth.frozen_events if self.growth else [],

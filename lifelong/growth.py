@@ -14,10 +14,11 @@ import experts
 from experts import PEER, UsageCounter
 from lifelong import checkpoint
 from lifelong.build import build_model, load_stream
-from lifelong.config import PER_PARAMETER_STRATEGIES
+from lifelong.strategy_config import PER_PARAMETER_STRATEGIES
 from lifelong.errors import ConfigError
 from lifelong.model import eval_mode
 from lifelong.rundir import read_run_config
+from lifelong.scopes import ScopeManager
 from lifelong.training import build_optimizer
 
 BOUNDARY_BLOCKS = 32  # blocks of a new domain run through the model to place its keys
@@ -40,13 +41,14 @@ def usage_of(layer, inputs: torch.Tensor) -> UsageCounter:
 
 @torch.no_grad()
 def grow_layer(layer, n: int, optimizer, warmup_steps: int, init: str, inputs: torch.Tensor | None,
-               usage=None) -> tuple[torch.Tensor, float]:
+               usage=None, warmin: str = "calibrated", old_inputs: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, float]:
     """Grow one layer; return the new ids and the max |output change| on `inputs` (eval mode)."""
     with eval_mode(layer):
         before = layer(inputs) if inputs is not None else None
         if isinstance(layer, PEER):
             ids = layer.grow(n, optimizer=optimizer, warmup_steps=warmup_steps, init=init,
-                             inputs=inputs, usage=usage)
+                             inputs=inputs, usage=usage, warmin=warmin, old_inputs=old_inputs)
         else:  # MoE: router rows; no key placement to choose
             ids = layer.grow(n, optimizer=optimizer, warmup_steps=warmup_steps, inputs=inputs)
         change = float((layer(inputs) - before).abs().max()) if inputs is not None else float("nan")
@@ -54,21 +56,23 @@ def grow_layer(layer, n: int, optimizer, warmup_steps: int, init: str, inputs: t
 
 
 def grow_recorded(name: str, layer, n: int, optimizer, warmup_steps: int, init: str, inputs: torch.Tensor | None,
-                  usage=None, *, step: int, experience: int, domain: str, reason: str) -> dict:
+                  usage=None, *, step: int, experience: int, domain: str, reason: str, warmin: str = "calibrated",
+                  old_inputs: torch.Tensor | None = None) -> dict:
     """`grow_layer`, then the growth event results.json records (`growth_events`): where it
     happened, why, how many experts it added and the output change at that moment (~0)."""
-    ids, change = grow_layer(layer, n, optimizer, warmup_steps, init, inputs, usage)
+    ids, change = grow_layer(layer, n, optimizer, warmup_steps, init, inputs, usage, warmin, old_inputs)
     return {"step": step, "experience": experience, "domain": domain, "layer": name, "reason": reason,
             "init": init, "added": int(ids.numel()), "num_experts": layer.num_experts, "output_change": change}
 
 
 def grow_checkpoint(path: str | Path, experts_per_layer: int, warmup_steps: int = 100, init: str = "random",
-                    layers: list[str] | None = None, echo=print) -> Path:
+                    layers: list[str] | None = None, echo=print, warmin: str = "calibrated") -> Path:
     """Grow the expert layers of a saved checkpoint; write a new checkpoint that `resume` continues.
 
     The optimizer state goes through the same surgery as growth during training (old moments
     kept, new rows zero), and the output change on the next domain's blocks is measured and
-    recorded with the event, as for growth during a run.
+    recorded with the event, as for growth during a run. "contrast" placement moves the new keys
+    away from the queries of the domains already learned (`reservoir_blocks` of each).
     """
     folder = checkpoint.checkpoint_folder(path)
     run_dir = folder.parent.parent
@@ -90,18 +94,25 @@ def grow_checkpoint(path: str | Path, experts_per_layer: int, warmup_steps: int 
         raise ConfigError(f"{run_dir}: strategy {cfg.strategy.name!r} keeps per-parameter importances "
                           "that do not follow a growing expert table")
     optimizer = build_optimizer(model, cfg)
+    progress = checkpoint.Progress(**state.progress)
+    ScopeManager(model, optimizer, cfg.train.trainable).apply_saved(progress.next_experience,
+                                                                    inside=state.position is not None)
     optimizer.load_state_dict(state.optimizer)
     # Place keys (and measure the output change) on the domain that training continues with.
-    progress = checkpoint.Progress(**state.progress)
     index = min(progress.next_experience, len(stream.domains) - 1)
     inputs = model.expert_inputs(domain_sample(stream.blocks[index].train))
+    old_inputs = None
+    if init == "contrast" and index > 0:
+        old_inputs = model.expert_inputs(torch.cat([domain_sample(stream.blocks[j].train, cfg.growth.reservoir_blocks)
+                                                    for j in range(index)]))
     for name in layers or list(available):
         layer = available[name]
         old = layer.num_experts
         layer_init = init if isinstance(layer, experts.PEER) else "random"
         event = grow_recorded(name, layer, experts_per_layer, optimizer, warmup_steps, layer_init, inputs[name],
                               step=int(state.strategy["optimizer_steps"]), experience=progress.next_experience,
-                              domain=stream.domains[index], reason="checkpoint")
+                              domain=stream.domains[index], reason="checkpoint", warmin=warmin,
+                              old_inputs=None if old_inputs is None else old_inputs[name])
         state.manual_growth_events.append(event)
         echo(f"grew {name}: {old:,} -> {layer.num_experts:,} experts, output change {event['output_change']:.2e}")
     state.optimizer = optimizer.state_dict()

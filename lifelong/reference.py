@@ -23,7 +23,8 @@ from avalanche.training.plugins import EvaluationPlugin
 import experts
 from lifelong import checkpoint, distributed, rundir, transfer
 from lifelong.build import build_model, seed_everything
-from lifelong.config import CheckpointConfig, EvalConfig, GrowthConfig, LogConfig, RunConfig, StrategyConfig
+from lifelong.config import CheckpointConfig, EvalConfig, GrowthConfig, LogConfig, RunConfig
+from lifelong.strategy_config import StrategyConfig
 from lifelong.metrics import DomainLossMetric
 from lifelong.plugins import CurvePlugin
 from lifelong.strategies import build_strategy
@@ -34,8 +35,10 @@ REFERENCE_DIR = "references"  # under the stream's cache folder
 
 
 def reference_config(cfg: RunConfig) -> RunConfig:
-    """The run's config as a reference trains it: naive strategy, no growth, no extra logging."""
+    """The run's config as a reference trains it: naive strategy, no growth, every parameter learning,
+    no extra logging."""
     return dataclasses.replace(cfg, strategy=StrategyConfig(), growth=GrowthConfig(), log=LogConfig(),
+                               train=dataclasses.replace(cfg.train, trainable=[]),
                                checkpoint=CheckpointConfig(), eval=EvalConfig(curve_every=cfg.eval.curve_every))
 
 
@@ -43,7 +46,9 @@ def reference_key(cfg: RunConfig, info: dict) -> str:
     """What a domain's reference depends on, hashed: settings, seed and the domain's blocks."""
     ref = reference_config(cfg).to_dict()
     stream = {k: v for k, v in ref["stream"].items() if k not in ("name", "domains", "order", "cache_dir")}
-    blob = {"version": VERSION, "seed": ref["seed"], "model": ref["model"], "train": ref["train"],
+    # A reference trains everything: its scope is no dependency (and keys from before the setting stay valid).
+    train = {k: v for k, v in ref["train"].items() if k != "trainable"}
+    blob = {"version": VERSION, "seed": ref["seed"], "model": ref["model"], "train": train,
             "stream": stream, "curve_every": cfg.eval.curve_every,
             "domain": {k: info.get(k) for k in ("name", "content_hash", "test_hash", "train_blocks", "test_blocks",
                                                 "tokenizer", "block_len")}}

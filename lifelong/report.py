@@ -29,6 +29,8 @@ COLUMNS = (
     ("bwt_bpb", "BWT bpb", "signed"),
     ("fwt_bpb", "FWT bpb", "signed"),
     ("plasticity_bpb", "plasticity bpb", "bpb"),
+    ("max_intrusion", "intrusion", "share"),
+    ("min_own", "own", "share"),
     ("experts", "experts", "int"),
     ("flops_per_token", "FLOPs/token", "int"),
     ("wall_time_s", "wall time s", "seconds"),
@@ -62,6 +64,8 @@ def row(run: RunRecord | str | Path) -> dict:
     for key, figure in FIGURES.items():
         out[key] = summary_figure(bpb, figure)
         out[f"{key}_interval"] = intervals.get(figure)
+    for key in ("max_intrusion", "min_own"):  # isolation of grown experts (README "Growing the expert pool")
+        out[key], out[f"{key}_interval"] = res.get(key), (res.get("intervals") or {}).get(key)
     out.update(experts=experts[-1], flops_per_token=res.get("flops_per_token"),
                wall_time_s=run.run_info.get("wall_time_s", res.get("wall_time_s")),
                path=str(run.path) if run.path else "")
@@ -76,6 +80,8 @@ def report(run_dirs: Sequence[RunRecord | str | Path]) -> list[dict]:
 
 
 def _number(value: float, kind: str) -> str:
+    if kind == "share":
+        return f"{100 * value:.1f}%"
     return f"{value:+.3f}" if kind == "signed" else f"{value:.3f}"
 
 
@@ -199,7 +205,7 @@ def write_csv(rows: list[dict], path: str | Path, paired_rows: Sequence[dict] = 
     interval (`_lo`, `_hi`) and, for runs after the first, its paired difference (`d_`, `d_..._lo`,
     `d_..._hi`); path last."""
     keys = [k for k, _, _ in COLUMNS]
-    for key in FIGURES:
+    for key in (*FIGURES, "max_intrusion", "min_own"):
         keys.insert(keys.index(key) + 1, f"{key}_lo")
         keys.insert(keys.index(key) + 2, f"{key}_hi")
     keys += [f"d_{key}{part}" for key in FIGURES for part in ("", "_lo", "_hi")] + ["path"]
@@ -210,9 +216,9 @@ def write_csv(rows: list[dict], path: str | Path, paired_rows: Sequence[dict] = 
         writer.writeheader()
         for r in rows:
             flat = dict(r)
+            for key in (*FIGURES, "max_intrusion", "min_own"):
+                flat[f"{key}_lo"], flat[f"{key}_hi"] = r.get(f"{key}_interval") or (None, None)
             for key in FIGURES:
-                interval = r.get(f"{key}_interval") or (None, None)
-                flat[f"{key}_lo"], flat[f"{key}_hi"] = interval
                 d = by_name.get(r["name"], {}).get(f"d_{key}") or (None, None, None)
                 flat[f"d_{key}"], flat[f"d_{key}_lo"], flat[f"d_{key}_hi"] = d
             writer.writerow({k: "" if flat.get(k) is None else flat.get(k) for k in keys})

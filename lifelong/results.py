@@ -54,6 +54,17 @@ def assemble(domains: list[str], stages: list[str], loss_matrix: list[list[float
     return results
 
 
+def isolation(stats_per_stage: list[dict]) -> dict:
+    """The headline isolation figures of grown experts, at the last stage, over every expert layer:
+    `max_intrusion` (the largest share of an earlier domain's routing weight on experts added after
+    it) and `min_own` (the smallest share of a domain's weight on the experts added for it); None
+    without growth."""
+    last = stats_per_stage[-1] if stats_per_stage else {}
+    intrusion = [v for layer in last.values() for v in layer.get("intrusion") or [] if v is not None]
+    own = [v for layer in last.values() for v in layer.get("own") or [] if v is not None]
+    return {"max_intrusion": max(intrusion, default=None), "min_own": min(own, default=None)}
+
+
 def _widen(interval: list[float], value: float) -> list[float]:
     # The cells are token-weighted float32 sums and the bootstrap averages float64 block means: the
     # same number up to rounding, which can leave a degenerate interval (one test block) beside it.

@@ -70,6 +70,11 @@ def aggregate_seeds(per_seed: list[dict], seeds: list[int], level: float = 0.95)
            "loss_matrix": cells["loss_matrix"].mean(axis=0).tolist(),
            "bpb_matrix": cells["bpb_matrix"].mean(axis=0).tolist(),
            **nats, "bpb_summary": bpb, "num_experts": first["num_experts"]}
+    for key in ("max_intrusion", "min_own"):  # isolation of grown experts, per seed first too
+        stats = _over_seeds([r.get(key) for r in per_seed], level)
+        res[key] = stats["mean"]
+        nats_iv[key] = stats["interval"]
+        over[key] = stats
     if len(per_seed) > 1:
         for key, name in (("loss_matrix", "loss_interval"), ("bpb_matrix", "bpb_interval")):
             res[name] = [[t_interval(cells[key][:, s, j].tolist(), level) for j in range(len(domains))]

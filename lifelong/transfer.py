@@ -275,3 +275,24 @@ def paired_differences(first: Sequence, other: Sequence, bytes_per_token: Sequen
         lo, hi = percentile_interval(b - a, level)
         out[key] = (float(b_full[key].mean() - a_full[key].mean()), float(lo), float(hi))
     return {key: out[key] for key in PAIRED_FIGURES if key in out}
+
+
+# ---- isolation of grown experts
+
+def isolation_shares(counts_TN: np.ndarray, generation_N: np.ndarray, experience_of: dict[int, int],
+                     learned: int) -> tuple[list[float | None], list[float | None]]:
+    """(intrusion, own) of every domain j (0-based) from its routing weight per expert `counts_TN`:
+    intrusion_j = the share of j's weight on experts added after j was learned (generation g >= 1
+    added in experience e_g > j), own_j = the share on the experts added for j (e_g == j).
+    `experience_of` maps each growth generation to the experience it was added in; only the first
+    `learned` domains have been learned (None for the others, and where no such experts exist)."""
+    counts = np.asarray(counts_TN, dtype=np.float64)
+    added = np.array([experience_of.get(int(g), -1) if g > 0 else -1 for g in np.asarray(generation_N)])
+    intrusion, own = [], []
+    for j, row in enumerate(counts):
+        total = row.sum()
+        later, mine = added > j, added == j
+        ok = j < learned and total > 0
+        intrusion.append(float(row[later].sum() / total) if ok and later.any() else None)
+        own.append(float(row[mine].sum() / total) if ok and mine.any() else None)
+    return intrusion, own

@@ -3,7 +3,7 @@ rules, renamed keys, round trips."""
 
 import pytest
 
-from lifelong import config
+from lifelong import config, strategy_config
 from lifelong.config import ConfigError
 from lifelong.presets import resolve
 
@@ -72,7 +72,7 @@ def test_every_choice_is_a_literal_checked_by_the_loader():
             "train.precision", "train.device", "train.optimizer", "train.optimizer_impl", "train.parallel",
             "strategy.name", "strategy.ewc.mode", "growth.schedule", "growth.init", "growth.trigger",
             "growth.freeze"} <= set(choices)
-    assert choices["strategy.name"] == config.STRATEGIES
+    assert choices["strategy.name"] == strategy_config.STRATEGIES
 
 
 @pytest.mark.parametrize("old, new", sorted(config.RENAMED_KEYS.items()))

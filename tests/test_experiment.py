@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -121,7 +120,8 @@ def _run_cut_at(cfg, out, step, monkeypatch):
     ["train.grad_accum=2", "train.epochs=2", "model.dropout=0.1"],
     ["strategy.name=replay"],
     ["strategy.name=si"],
-    ["strategy.name=distill", "growth.schedule=boundary", "growth.experts=32", "growth.warmup_steps=3"],
+    ["strategy.name=distill", "growth.schedule=boundary", "growth.experts=32", "growth.warmup_steps=3",
+     "growth.isolate=1", "growth.isolate_queries=true"],
     ["strategy.name=cumulative", "growth.schedule=steps", "growth.every_steps=4", "growth.experts=16",
      "growth.freeze=top_used"],
     ["strategy.name=joint"],
@@ -129,8 +129,13 @@ def _run_cut_at(cfg, out, step, monkeypatch):
     ["train.optimizer_impl=fused", "growth.schedule=steps", "growth.every_steps=5", "growth.experts=16"],
     ["model.ffn=moe", "growth.schedule=trigger", "growth.trigger=plateau", "growth.plateau_window=4",
      "growth.check_every=3", "growth.experts=2"],
-], ids=["accum-epochs-dropout", "replay", "si", "distill-boundary-growth", "cumulative-step-growth", "joint",
-        "rowwise-adamw-growth-freeze", "fused-adamw-step-growth", "moe-trigger-growth"])
+    ["growth.schedule=boundary", "growth.experts=32", "growth.warmup_steps=3", "growth.init=contrast",
+     "train.trainable=[all, 'new_experts,new_keys']", "growth.isolate=1"],
+    ["growth.schedule=steps", "growth.every_steps=5", "growth.experts=16", "train.trainable=[all, new_experts, experts]",
+     "growth.warmin=bound"],
+], ids=["accum-epochs-dropout", "replay", "si", "distill-boundary-growth-query-isolation", "cumulative-step-growth", "joint",
+        "rowwise-adamw-growth-freeze", "fused-adamw-step-growth", "moe-trigger-growth",
+        "contrast-isolate-growth-new-experts-scope", "step-growth-changing-scopes"])
 def test_resume_inside_an_experience_gives_identical_results(tmp_path, monkeypatch, overrides):
     cfg = resolve("smoke", overrides=_TINY + overrides)
     quiet = lambda *_: None  # noqa: E731

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 import experts
 from experts import PEER, MoE, UsageCounter
+from experts import growth
 from experts.growth import kmeans
 from experts.peer import QUERY_NORMS, SCORES
-from helpers import randomize_peer_, teacher, tiny_moe, tiny_peer, train  # noqa: F401
+from helpers import teacher, tiny_moe, tiny_peer, train
 
 TOL = 1e-6  # outputs before and after growth, float32 (docs/growth.md, 'Function preservation')
 
@@ -63,7 +64,7 @@ def test_new_ids_append_and_old_parameters_keep_their_identity():
     cb = layer.codebooks
     assert torch.equal(cb.keys1[:, :3], before["codebooks.keys1"]) and torch.equal(cb.keys2, before["codebooks.keys2"])
     assert torch.equal(layer.expert_u[:15], before["expert_u"]) and torch.equal(layer.expert_v[:15], before["expert_v"])
-    assert cb.offset1.shape == cb.warmup_margin.shape == (2, 5) and layer.frozen.shape == (25,)
+    assert cb.offset1.shape == (2, 5) == cb.warmup_knots.shape[:2] and layer.frozen.shape == (25,)
     assert cb.warmup_left.tolist() == cb.warmup_total.tolist() == [0, 0, 0, 100, 100]
     assert torch.equal(layer.expert_generation(), torch.tensor([0] * 15 + [1] * 10))
     assert torch.equal(layer.grow(1), torch.arange(25, 30))
@@ -90,8 +91,8 @@ def test_warmup_schedule_from_minus_inf_to_zero():
     x = torch.randn(50, layer.dim)
     cb = layer.codebooks
     old_offsets = cb.offset1.clone()  # the old rows' own (random) offsets are never touched
-    layer.grow(8, warmup_steps=4, inputs=x)
-    margin_H = cb.warmup_margin[:, 4]
+    layer.grow(8, warmup_steps=4, inputs=x, warmin="bound")
+    margin_H = -cb.warmup_knots[:, 4, 0]
     assert torch.isneginf(cb.offset1[:, 4:]).all() and (margin_H > 0).all()
     for t in range(1, 6):
         layer.advance_warmup()
@@ -106,11 +107,11 @@ def test_margin_bounds_every_new_score_by_the_old_ones():
     any old one for the inputs the margin was measured on: new keys enter gradually."""
     layer = tiny_peer(query_norm="none").eval()
     x = 3.0 * torch.randn(200, layer.dim)
-    layer.grow(12, warmup_steps=10, inputs=x)
+    layer.grow(12, warmup_steps=10, inputs=x, warmin="bound")
     cb = layer.codebooks
     q1 = layer._probe_queries(x)[..., : layer.key_dim // 2]
     raw = torch.einsum("thd,hnd->thn", q1, cb.keys1.detach())
-    new_best = (raw[..., 4:] - cb.warmup_margin[:, 4:]).amax(-1)
+    new_best = (raw[..., 4:] + cb.warmup_knots[:, 4:, 0]).amax(-1)
     assert (new_best <= raw[..., :4].amin(-1)).all()
 
 
@@ -419,3 +420,47 @@ def test_moe_checkpoint_of_a_grown_layer_loads_into_a_fresh_one():
     assert torch.equal(fresh.eval()(x), layer.eval()(x))
 
 
+
+
+# ---- calibrated warm-in and contrastive placement ------------------------------------------------
+def test_calibrated_knots_are_quantiles_of_the_gaps_up_to_the_share_reached_at_zero():
+    gaps = torch.linspace(-3.0, 5.0, 801).view(-1, 1).repeat(1, 2)  # 3/8 of the queries reachable at 0
+    knots = growth.calibrated_knots(gaps)
+    assert knots.shape == (2, growth.KNOTS) and (knots[:, -1] == 0).all()
+    assert (knots.diff(dim=-1) >= 0).all() and knots[0, 0] == -3.0
+    share = (gaps[:, 0].unsqueeze(-1) < knots[0]).double().mean(0)  # reached at each knot
+    assert torch.allclose(share[:-1], torch.linspace(0, 3 / 8, growth.KNOTS, dtype=torch.float64)[:-1], atol=3e-3)
+
+
+def test_new_experts_enter_gradually_across_a_calibrated_warmin():
+    """The share of queries with a new expert among their top-k rises step by step, not at the end."""
+    layer = tiny_peer(grid=(8, 8), top_k=4, query_norm="layernorm", dim=16, key_dim=8).eval()
+    x = torch.randn(400, 16)
+    layer.grow(16, warmup_steps=16, init="kmeans", inputs=x)
+    old_n = 64
+    shares = []
+    for _ in range(16):
+        layer.advance_warmup()
+        _, ids = layer.route(x)
+        shares.append(float((ids >= old_n).any(-1).double().mean()))
+    assert shares[0] < 0.1 < shares[-1]
+    rises = [b - a for a, b in zip(shares, shares[1:])]
+    assert max(rises) < 0.5 * shares[-1]  # no single step lets most of them in
+    assert shares[7] > 0.25 * shares[-1]  # half way through, a good part entered
+
+
+def test_contrastive_keys_reach_the_new_domain_more_and_the_old_one_less_than_kmeans():
+    g = torch.Generator().manual_seed(0)
+    layer = tiny_peer(grid=(8, 8), top_k=4, query_norm="none", dim=16, key_dim=8)
+    shared = torch.randn(1, 16, generator=g)
+    new_x = shared + 0.8 * torch.randn(300, 16, generator=g) + torch.randn(1, 16, generator=g)
+    old_x = shared + 0.8 * torch.randn(300, 16, generator=g)
+
+    def reach(init):
+        grown = tiny_peer(grid=(8, 8), top_k=4, query_norm="none", dim=16, key_dim=8)
+        grown.load_state_dict(layer.state_dict())
+        grown.grow(16, warmup_steps=0, init=init, inputs=new_x, old_inputs=old_x, generator=torch.Generator())
+        return [float((grown.route(x)[1] >= 64).any(-1).double().mean()) for x in (new_x, old_x)]
+
+    (_, old_k), (new_c, old_c) = reach("kmeans"), reach("contrast")
+    assert old_c < old_k and old_c < 0.5 * new_c

@@ -138,3 +138,41 @@ def test_a_run_resumed_after_growth_continues_identically(tmp_path):
     assert resumed["loss_matrix"] == full["loss_matrix"]
     assert resumed["growth_events"] == full["growth_events"] and len(full["growth_events"]) == 3
     assert resumed["num_experts"] == full["num_experts"] == [256, 256, 272, 288, 304]
+
+
+def test_new_experts_are_trained_once_their_warmin_is_over(tmp_path, monkeypatch):
+    """Experiences of 16 steps and a 4-step warm-in: every growth's experts get traffic and gradient."""
+    from lifelong.plugins import growth as growth_plugin
+
+    added = {}
+    real = growth_plugin.grow_recorded
+
+    def spy(name, layer, *args, **kwargs):
+        event = real(name, layer, *args, **kwargs)
+        start = layer.num_experts - event["added"]
+        added[event["experience"]] = (start, layer.expert_u.detach()[start:].clone())
+        return event
+
+    monkeypatch.setattr(growth_plugin, "grow_recorded", spy)
+    cfg = resolve("smoke", overrides=["growth.schedule=boundary", "growth.experts=32", "growth.warmup_steps=4",
+                                      "eval.curve_every=0"])
+    res = experiment.run(cfg, tmp_path, progress=False, echo=quiet)
+    assert res["experience_steps"] == [16] * 4 and sorted(added) == [1, 2, 3]
+    u = load_file(str(checkpoint.latest(tmp_path) / checkpoint.MODEL_FILE))["blocks.1.ffn.expert_u"]
+    for start, rows in added.values():
+        assert not torch.equal(u[start:start + len(rows)], rows)  # they learned
+    own = res["experts"]["blocks.1.ffn"]["own"][-1]
+    assert own[0] is None and all(share > 0 for share in own[1:])  # and each domain routes to its own
+    shares = [float(line.split(",")[2]) for line in (tmp_path / "metrics.csv").read_text().splitlines()
+              if line.startswith("Growth/train_phase/blocks.1.ffn/new_share")]
+    assert len(shares) >= 3 and max(shares) > 0
+
+
+def test_the_routing_contrast_loss_is_added_and_logged(tmp_path):
+    cfg = resolve("smoke", overrides=["growth.schedule=boundary", "growth.experts=32", "growth.warmup_steps=4",
+                                      "growth.isolate=1", "eval.curve_every=0"])
+    res = experiment.run(cfg, tmp_path, progress=False, echo=quiet)
+    losses = [float(line.split(",")[2]) for line in (tmp_path / "metrics.csv").read_text().splitlines()
+              if line.startswith("Growth/train_phase/isolation_loss")]
+    assert len(losses) >= 3 and all(0 < x < float("inf") for x in losses)
+    assert res["max_intrusion"] is not None and res["min_own"] is not None

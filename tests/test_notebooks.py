@@ -90,14 +90,14 @@ def test_forgetting_compares_two_runs(smoke_runs, tmp_path, monkeypatch):
 
 def test_experts_with_growth(smoke_runs, tmp_path, monkeypatch):
     text, images = outputs(execute("experts.ipynb", [smoke_runs["grow"]], tmp_path, monkeypatch))
-    assert images == 6  # usage, domain x bins, overlap, generation traffic, drift, PCA
+    assert images == 8  # usage, domain x bins, overlap, generation traffic, entry curve, isolation, drift, PCA
     assert "growth at step" in text and "share of routing weight per generation" in text
 
 
 def test_experts_without_growth_without_experts_and_with_moe(smoke_runs, tmp_path, monkeypatch):
     dirs = [smoke_runs["dense"], smoke_runs["plain"], smoke_runs["moe"]]
     text, images = outputs(execute("experts.ipynb", dirs, tmp_path, monkeypatch))
-    assert images == 5 + 6  # plain: all but the growth figure; moe: all six
+    assert images == 5 + 8  # plain: all but the three growth figures; moe: all eight
     assert "dense has no PEER or MoE layer" in text
     assert "plain blocks.1.ffn: no growth in this run" in text and "no growth, every key is original" in text
     assert "moe blocks.1.ffn at after:legal: share of routing weight per generation" in text

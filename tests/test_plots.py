@@ -109,34 +109,3 @@ def test_learning_curves_with_curves_but_unknown_steps_leave_stages_out():
     assert [line.get_label() for line in ax.lines if line.get_linestyle() == "-"] == ["a", "b"]
     assert not [line for line in ax.lines if line.get_marker() == "o"]
     assert "no stage evaluations" in ax.get_title() and ax.get_xlabel() == "optimizer step"
-
-
-def test_drift_plot_shows_only_domains_already_learned():
-    ax = plots.drift_plot(expert_run(), "L")
-    assert sorted(line.get_label() for line in ax.lines) == ["a: changed", "a: to new experts"]
-    assert list(ax.lines[0].get_xdata()) == [2]  # a is old only from stage 1 to stage 2
-
-
-def test_subkey_pca_colours_by_generation():
-    ax = plots.subkey_pca(expert_run(), "L", stage=2)
-    labels = [c.get_label() for c in ax.collections]
-    assert labels == ["original", "g1: added for b"]
-    assert [len(c.get_offsets()) for c in ax.collections] == [2, 1]
-
-
-def test_expert_figures_draw_from_results_and_snapshots():
-    run = expert_run()
-    fig = plots.usage_by_stage(run, "L")
-    assert [line.get_ydata().tolist() for line in fig.axes[0].lines][:2] == [[1.0, 0.5, 0.5], [1.0, 0.75, 0.5]]
-    ax = plots.domain_expert_heatmap(run, "L", stage=2, bins=3)
-    assert [t.get_text() for t in ax.texts] == ["g1"]
-    ax = plots.overlap_heatmap(run, "L", stage=-1)
-    assert [t.get_text() for t in ax.texts] == ["1.00", "0.25", "0.25", "1.00"]
-    fig = plots.generation_traffic(run, "L")
-    assert [p.get_height() for p in fig.axes[0].containers[1]] == [0.5, 0.75]  # the g1 layer of the stack
-
-
-def test_generation_traffic_refuses_joint_training():
-    run = expert_run(stages=["init", "after:joint"])
-    with pytest.raises(ValueError, match="joint"):
-        plots.generation_traffic(run, "L")

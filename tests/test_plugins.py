@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from avalanche.training.plugins import EvaluationPlugin
 
 from lifelong.config import from_dict
 from lifelong.model import LanguageModel
-from lifelong.plugins import CumulativePlugin, LMDistillPlugin, WarmupCosinePlugin, distill_kl, warmup_cosine
+from lifelong.plugins import CumulativePlugin, GradClipPlugin, LMDistillPlugin, WarmupCosinePlugin, distill_kl, warmup_cosine
 from lifelong.strategies import build_strategy, stream_steps
 from lifelong.training import build_optimizer
 from lifelong.transfer import steps_per_experience
@@ -193,7 +194,6 @@ def test_cumulative_plugin_trains_on_earlier_experiences_first(bench):
 
 
 def test_finite_loss_plugin_stops_before_a_step_with_a_non_finite_gradient():
-    from types import SimpleNamespace
 
     from lifelong.errors import TrainingDiverged
     from lifelong.plugins import FiniteLossPlugin
@@ -208,3 +208,14 @@ def test_finite_loss_plugin_stops_before_a_step_with_a_non_finite_gradient():
     with pytest.raises(TrainingDiverged, match="gradient is NaN or infinite at optimizer step 5 of experience 1") as err:
         FiniteLossPlugin().before_update(strategy)
     assert err.value.step == 5 and err.value.experience == 1
+
+
+def test_clipping_counts_only_parameters_that_learn():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model[0].requires_grad_(False)  # frozen, with a gradient left from before
+    GradClipPlugin(max_norm=1.0).before_update(SimpleNamespace(model=model))
+    learning = torch.cat([p.grad.flatten() for p in model[1].parameters()])
+    assert float(learning.norm()) == pytest.approx(1.0, rel=1e-5)
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model[0].parameters())

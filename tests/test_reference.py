@@ -66,8 +66,8 @@ def test_reference_key_follows_what_a_reference_depends_on():
     cfg = resolve("smoke")
     info = {"name": "python", "content_hash": "c", "test_hash": "t", "train_blocks": 4, "test_blocks": 2}
     key = reference.reference_key(cfg, info)
-    assert reference.reference_key(resolve("smoke", overrides=["strategy.name=replay", "growth.schedule=boundary"]),
-                                   info) == key
+    assert reference.reference_key(resolve("smoke", overrides=["strategy.name=replay", "growth.schedule=boundary",
+                                                               "train.trainable=[all, experts]"]), info) == key
     assert reference.reference_key(resolve("smoke", overrides=["train.lr=0.01"]), info) != key
     assert reference.reference_key(resolve("smoke", overrides=["seed=1"]), info) != key
     assert reference.reference_key(cfg, {**info, "test_hash": "u"}) != key

@@ -41,6 +41,7 @@ def test_row_collects_the_summary_of_a_run(tmp_path):
     assert row == {"name": "grow", "strategy": "replay", "ffn": "peer", "growth": "boundary x2",
                    "final_bpb": 4.5, "bwt_bpb": -0.125, "fwt_bpb": 1.5, "max_forgetting_bpb": 0.25,
                    "plasticity_bpb": None, **{f"{k}_interval": None for k in report.FIGURES},
+                   "max_intrusion": None, "max_intrusion_interval": None, "min_own": None, "min_own_interval": None,
                    "experts": 384, "flops_per_token": 194424, "wall_time_s": 12.34, "path": str(tmp_path / "grow")}
 
 
@@ -49,7 +50,8 @@ def test_undefined_figures_show_as_dashes(tmp_path):
     rows = report.report([joint])
     assert rows[0]["max_forgetting_bpb"] is None and rows[0]["wall_time_s"] is None
     line = report.format_text(rows).splitlines()[2]
-    assert line.split() == ["joint", "joint", "peer", "-", "4.500", "-", "-", "-", "-", "384", "194,424", "-"]
+    assert line.split() == ["joint", "joint", "peer", "-", "4.500", "-", "-", "-", "-", "-", "-", "384", "194,424",
+                            "-"]
 
 
 def test_text_table_aligns_columns(tmp_path):
@@ -65,7 +67,7 @@ def test_markdown_table(tmp_path):
     rows = report.report([make_run(tmp_path / "a"), make_run(tmp_path / "b")])
     lines = report.format_markdown(rows).splitlines()
     assert len(lines) == 4 and all(line.startswith("| ") and line.endswith(" |") for line in lines)
-    assert lines[1].count("---:") == 8  # numeric columns right-aligned
+    assert lines[1].count("---:") == 10  # numeric columns right-aligned
     assert lines[2].startswith("| a | naive | peer | - | 4.500 | +0.250 | -0.125 | +1.500 |")
 
 
@@ -183,3 +185,13 @@ def test_paired_comparison_refuses_runs_on_other_test_blocks(tmp_path, capsys):
 def test_runs_without_block_losses_get_a_note_not_a_refusal(tmp_path):
     text = report.main_report([make_run(tmp_path / "a"), make_run(tmp_path / "b")])
     assert "no paired differences for b" in text and "earlier version" in text
+
+
+def test_isolation_of_grown_experts_shows_as_shares(tmp_path):
+    rows = report.report([make_run(tmp_path / "g", max_intrusion=0.125, min_own=0.5),
+                          make_run(tmp_path / "n")])
+    assert rows[0]["max_intrusion"] == 0.125 and rows[1]["min_own"] is None
+    text = report.format_text(rows)
+    assert "12.5%" in text and "50.0%" in text
+    path = report.write_csv(rows, tmp_path / "t.csv")
+    assert "max_intrusion_lo" in path.read_text().splitlines()[0]

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from avalanche.training.plugins import AGEMPlugin, EvaluationPlugin, ReplayPlugin
 
-from lifelong.config import STRATEGIES, ConfigError, from_dict
+from lifelong.config import ConfigError, from_dict
+from lifelong.strategy_config import STRATEGIES
 from lifelong.metrics import DomainLossMetric
 from lifelong.model import LanguageModel
 from lifelong.strategies import (

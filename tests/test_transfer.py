@@ -171,3 +171,15 @@ def test_paired_differences_of_equal_runs_are_exactly_zero_and_a_shift_is_found(
     diff = transfer.paired_differences([blocks], [shifted], [1.0] * 3, samples=100)
     assert diff["final_average"] == pytest.approx((0.1 / math.log(2),) * 3)  # paired: no spread at all
     assert diff["plasticity"][0] == pytest.approx(0.1 / math.log(2) / 3)  # only the last domain's own stage
+
+
+def test_isolation_shares_split_each_domains_weight_by_when_its_experts_were_added():
+    # experts 0-1 original, 2-3 added in experience 1 (generation 1), 4-5 in experience 2 (generation 2)
+    generation = np.array([0, 0, 1, 1, 2, 2])
+    counts = np.array([[6.0, 2.0, 1.0, 0.0, 1.0, 0.0],   # domain 0: 2 of 10 on experts added later
+                       [1.0, 1.0, 3.0, 3.0, 2.0, 0.0],   # domain 1: 6 of 10 on its own, 2 on domain 2's
+                       [0.0, 0.0, 0.0, 1.0, 3.0, 0.0]])  # domain 2: not learned yet at this stage
+    intrusion, own = transfer.isolation_shares(counts, generation, {1: 1, 2: 2}, learned=2)
+    assert intrusion[:2] == pytest.approx([0.2, 0.2]) and intrusion[2] is None
+    assert own[0] is None and own[1] == pytest.approx(0.6) and own[2] is None
+    assert transfer.isolation_shares(counts, np.zeros(6), {}, learned=3) == ([None] * 3, [None] * 3)

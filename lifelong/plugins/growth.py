@@ -17,6 +17,7 @@ from collections import deque
 
 import torch
 from avalanche.core import SupervisedPlugin
+from avalanche.evaluation.metric_results import MetricValue
 
 import experts
 from experts import PEER
@@ -25,6 +26,8 @@ from lifelong.config import GrowthConfig
 from lifelong.growth import domain_sample, grow_recorded, usage_of
 
 PROBE_TOKENS = 2048  # tokens kept per layer for k-means placement, triggers and the output check
+LOG_EVERY = 10  # optimizer steps between points of the entry curve (as the training loss)
+ISOLATE_BLOCKS = 4  # reservoir blocks per minibatch for the routing contrast loss
 
 
 class InputRecorder:
@@ -83,21 +86,28 @@ class InputRecorder:
 class GrowthPlugin(SupervisedPlugin):
     """Grows the model's PEER/MoE pools on the configured schedule and freezes by policy."""
 
-    def __init__(self, cfg: GrowthConfig, model, echo=None):
+    def __init__(self, cfg: GrowthConfig, model, echo=None, loggers=(), on_growth=None):
+        """`loggers` receive the entry curve (`Growth/train_phase/LAYER/new_share`); `on_growth(experience)`
+        is called after every growth (the trainable scope follows the newest experts)."""
         super().__init__()
         self.cfg, self.model, self.echo = cfg, model, echo or (lambda *_: None)
+        self.loggers, self.on_growth = list(loggers), on_growth
         self.layers = model.expert_layers()
         self.recorder = InputRecorder(self.layers)
         self.events: list[dict] = []
         self.frozen_events: list[dict] = []
         self.step = 0
         self.losses: deque = deque(maxlen=cfg.plateau_window)
+        self.reservoir: list[torch.Tensor] = []  # a few input blocks [B, T] of every finished domain
+        self.known: list[dict[str, int]] = []  # per finished domain: each layer's newest generation then
+        self.last_isolation: float | None = None  # the last minibatch's (unweighted) routing contrast loss
 
     # -- state for checkpoints (the protocol of lifelong.strategies.state) ---------
 
     def state_dict(self, strategy=None) -> dict:
         return {"events": list(self.events), "frozen_events": list(self.frozen_events), "step": self.step,
-                "losses": list(self.losses), "inputs": self.recorder.state_dict()}
+                "losses": list(self.losses), "inputs": self.recorder.state_dict(),
+                "reservoir": [blocks.clone() for blocks in self.reservoir], "known": [dict(k) for k in self.known]}
 
     def load_state_dict(self, strategy, state: dict) -> None:
         self.events = list(state["events"])
@@ -105,13 +115,22 @@ class GrowthPlugin(SupervisedPlugin):
         self.step = int(state["step"])
         self.losses = deque(state["losses"], maxlen=self.cfg.plateau_window)
         self.recorder.load_state_dict(state.get("inputs", {}))  # absent in boundary checkpoints of earlier versions
+        self.reservoir = [blocks.clone() for blocks in state.get("reservoir", [])]
+        self.known = [dict(k) for k in state.get("known", [])]
 
     # -- growing -------------------------------------------------------------
 
     def _growths(self, name: str) -> int:
         return sum(1 for e in self.events if e["layer"] == name)
 
+    def _old_inputs(self, strategy) -> dict[str, torch.Tensor] | None:
+        """Each layer's inputs on the reservoir of finished domains (for "contrast" placement)."""
+        if self.cfg.init != "contrast" or not self.reservoir:
+            return None
+        return self.model.expert_inputs(torch.cat(self.reservoir).to(strategy.device))
+
     def grow_all(self, strategy, reason: str, inputs: dict[str, torch.Tensor | None]) -> None:
+        old_inputs = self._old_inputs(strategy)
         for name, layer in self.layers.items():
             if self.cfg.max_growths and self._growths(name) >= self.cfg.max_growths:
                 continue
@@ -119,11 +138,12 @@ class GrowthPlugin(SupervisedPlugin):
             usage = usage_of(layer, x) if x is not None and self.cfg.init == "copy" else None
             # MoE has no key placement; k-means needs inputs (none before the first recorded batch).
             peer = isinstance(layer, PEER)
-            init = self.cfg.init if peer and (x is not None or self.cfg.init != "kmeans") else "random"
+            init = self.cfg.init if peer and (x is not None or self.cfg.init in ("random", "copy")) else "random"
             old = layer.num_experts
             event = grow_recorded(name, layer, self.cfg.experts, strategy.optimizer, self.cfg.warmup_steps, init,
                                   x, usage, step=self.step, experience=strategy.experience.current_experience,
-                                  domain=getattr(strategy.experience, "domain", ""), reason=reason)
+                                  domain=getattr(strategy.experience, "domain", ""), reason=reason,
+                                  warmin=self.cfg.warmin, old_inputs=None if old_inputs is None else old_inputs[name])
             self.events.append(event)
             self.echo(f"  grew {name} ({reason}): {old:,} -> {layer.num_experts:,} experts, "
                       f"output change {event['output_change']:.2e}")
@@ -133,6 +153,8 @@ class GrowthPlugin(SupervisedPlugin):
                                            "frozen": int(frozen.numel())})
             # Under torchrun the new keys were placed on rank-local inputs: every rank takes rank 0's.
             distributed.broadcast_module(layer)
+        if self.on_growth is not None:
+            self.on_growth(strategy.experience.current_experience)
 
     def before_train_dataset_adaptation(self, strategy, **kwargs) -> None:
         self.recorder.clear()
@@ -144,11 +166,42 @@ class GrowthPlugin(SupervisedPlugin):
         blocks = domain_sample(strategy.experience.dataset).to(strategy.device)
         self.grow_all(strategy, "boundary", self.model.expert_inputs(blocks))
 
+    def before_backward(self, strategy, **kwargs) -> None:
+        """Adds `isolate` x the routing contrast loss of every grown PEER layer: its recent training inputs
+        (the recorder's window, this minibatch's last) against a few reservoir blocks drawn by optimizer
+        step (the same draw after a resume)."""
+        if not self.cfg.isolate or not self.events:
+            return
+        old, domain_of = None, None
+        if self.reservoir:
+            pool = torch.cat(self.reservoir)
+            owners = torch.cat([torch.full((len(b),), j) for j, b in enumerate(self.reservoir)])
+            draw = torch.Generator().manual_seed(self.step)
+            picks = torch.randperm(len(pool), generator=draw)[:ISOLATE_BLOCKS]
+            domain_of = owners[picks].repeat_interleave(pool.shape[1])  # per token of the picked blocks
+            with torch.no_grad():
+                old = self.model.expert_inputs(pool[picks].to(strategy.device))
+        loss = strategy.loss.new_zeros(())
+        for name, layer in self.layers.items():
+            x = self.recorder.get(name)
+            if not isinstance(layer, PEER) or x is None:
+                continue
+            known = None  # without per-domain records: every row but the newest counts as known
+            if old is not None and len(self.known) == len(self.reservoir):
+                known = torch.tensor([self.known[j][name] for j in domain_of.tolist()])
+            loss = loss + experts.row_contrast_loss(layer, x, None if old is None else old[name],
+                                                    None if known is None else known.to(x.device),
+                                                    self.cfg.isolate_margin, self.cfg.isolate_queries)
+        self.last_isolation = float(loss.detach())
+        strategy.loss = strategy.loss + self.cfg.isolate * loss
+
     def after_training_iteration(self, strategy, **kwargs) -> None:
         self.losses.append(float(strategy.loss.detach()))
 
     def after_update(self, strategy, **kwargs) -> None:
         self.step += 1
+        if self.step % LOG_EVERY == 0 and self.loggers and self.events:
+            self._log_entry()
         if self.cfg.schedule == "steps" and self.step % self.cfg.every_steps == 0:
             self.grow_all(strategy, "steps", self._recent())
         elif (self.cfg.schedule == "trigger" and self.step % self.cfg.check_every == 0
@@ -157,6 +210,9 @@ class GrowthPlugin(SupervisedPlugin):
             self.losses.clear()
 
     def after_training_exp(self, strategy, **kwargs) -> None:
+        if self.cfg.reservoir_blocks:
+            self.reservoir.append(domain_sample(strategy.experience.dataset, self.cfg.reservoir_blocks).cpu())
+            self.known.append({name: int(layer.expert_generation().max()) for name, layer in self.layers.items()})
         if self.cfg.freeze != "top_used":
             return
         for name, layer in self.layers.items():
@@ -169,6 +225,28 @@ class GrowthPlugin(SupervisedPlugin):
             self.frozen_events.append({"step": self.step, "layer": name, "policy": "top_used",
                                        "domain": getattr(strategy.experience, "domain", ""),
                                        "frozen": int(frozen.numel())})
+
+    # -- the entry curve of new experts -----------------------------------------------
+
+    @torch.no_grad()
+    def _log_entry(self) -> None:
+        """The share of routing weight on each grown layer's newest experts, over its recent training
+        inputs (eval mode: routing statistics untouched), and the last routing contrast loss (with
+        `isolate`), every LOG_EVERY optimizer steps."""
+        values = []
+        for name, layer in self.layers.items():
+            x = self.recorder.get(name)
+            generation = layer.expert_generation()
+            if x is None or int(generation.max()) == 0:
+                continue
+            counts = usage_of(layer, x).counts.sum(0)
+            newest = (generation == generation.max()).to(counts.device)
+            share = float(counts[newest].sum() / counts.sum().clamp(min=1e-12))
+            values.append(MetricValue(self, f"Growth/train_phase/{name}/new_share", share, self.step))
+        if self.last_isolation is not None:
+            values.append(MetricValue(self, "Growth/train_phase/isolation_loss", self.last_isolation, self.step))
+        for logger in self.loggers:
+            logger.log_metrics(values)
 
     # -- triggers --------------------------------------------------------------
 

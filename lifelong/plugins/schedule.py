@@ -81,4 +81,4 @@ class GradClipPlugin(SupervisedPlugin):
         self.max_norm = max_norm
 
     def before_update(self, strategy, **kwargs) -> None:
-        torch.nn.utils.clip_grad_norm_(strategy.model.parameters(), self.max_norm)
+        torch.nn.utils.clip_grad_norm_([p for p in strategy.model.parameters() if p.requires_grad], self.max_norm)

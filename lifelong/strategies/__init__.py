@@ -13,7 +13,8 @@ from avalanche.training.plugins import AGEMPlugin, EWCPlugin, MASPlugin, ReplayP
 from avalanche.training.storage_policy import ExperienceBalancedBuffer
 
 from lifelong import transfer
-from lifelong.config import STRATEGIES, RunConfig
+from lifelong.config import RunConfig
+from lifelong.strategy_config import STRATEGIES
 from lifelong.plugins.cl import CumulativePlugin, LMDistillPlugin, LMSynapticIntelligencePlugin
 from lifelong.plugins.guards import FiniteLossPlugin, PeriodicCheckpointPlugin
 from lifelong.plugins.schedule import GradClipPlugin, WarmupCosinePlugin

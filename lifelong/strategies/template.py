@@ -63,10 +63,11 @@ class LMTemplate(SupervisedTemplate):
 
     # ---- data parallel ---------------------------------------------------------------------
     def _ddp_model(self):
-        """The DDP wrapper of `self.model`, rebuilt after growth; syncs gradients on update steps only."""
+        """The DDP wrapper of `self.model`, rebuilt after growth or a change of what trains; syncs
+        gradients on update steps only."""
         from torch.nn.parallel import DistributedDataParallel
 
-        shapes = tuple((id(p), tuple(p.shape)) for p in self.model.parameters())
+        shapes = tuple((id(p), tuple(p.shape), p.requires_grad) for p in self.model.parameters())
         if self._ddp is None or shapes != self._ddp_shapes:
             cuda = self.device.type == "cuda"
             moe = any(isinstance(m, MoE) for m in self.model.modules())  # unrouted experts get no gradient

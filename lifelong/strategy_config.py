@@ -1,0 +1,112 @@
+"""The strategy section of the run configuration (`strategy.*`): which continual-learning strategy
+runs and one nested section of settings per strategy. Loaded and checked like every section of
+lifelong/config.py, which re-exports these names."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lifelong.errors import ConfigError, check_non_negative, check_positive
+
+
+@dataclass
+class ReplayConfig:
+    """Experience replay from a class-free reservoir of past blocks."""
+
+    buffer_tokens: int = 65_536
+    """Memory size in tokens (rounded down to whole blocks)."""
+    batch_ratio: float = 0.5
+    """Replayed blocks per minibatch, as a fraction of train.batch_size."""
+
+    def __post_init__(self) -> None:
+        check_positive("strategy.replay", buffer_tokens=self.buffer_tokens, batch_ratio=self.batch_ratio)
+
+
+@dataclass
+class DistillConfig:
+    """Token-level distillation from the model frozen at the end of the previous experience (LwF for LMs)."""
+
+    weight: float = 1.0
+    """Weight of the KL term added to the next-token loss."""
+    temperature: float = 2.0
+    """Softmax temperature of both distributions; the KL is scaled by temperature^2."""
+
+    def __post_init__(self) -> None:
+        check_positive("strategy.distill", temperature=self.temperature)
+        check_non_negative("strategy.distill", weight=self.weight)
+
+
+@dataclass
+class EWCConfig:
+    """Elastic Weight Consolidation (Kirkpatrick et al. 2017): a quadratic penalty weighted by the Fisher."""
+
+    weight: float = 100.0
+    """Penalty weight (lambda)."""
+    mode: Literal["separate", "online"] = "separate"
+    """"separate" (one penalty per past experience) or "online" (one decayed running penalty)."""
+    decay: float = 0.9
+    """Decay of the online importance (mode "online")."""
+
+    def __post_init__(self) -> None:
+        check_non_negative("strategy.ewc", weight=self.weight)
+        if not 0 <= self.decay <= 1:
+            raise ConfigError(f"strategy.ewc.decay must be in [0, 1], got {self.decay!r}")
+
+
+@dataclass
+class SIConfig:
+    """Synaptic Intelligence (Zenke et al. 2017): importances from the path integral of the updates."""
+
+    weight: float = 1.0
+    """Penalty weight (lambda)."""
+
+    def __post_init__(self) -> None:
+        check_non_negative("strategy.si", weight=self.weight)
+
+
+@dataclass
+class MASConfig:
+    """Memory Aware Synapses (Aljundi et al. 2018): importances from the output's sensitivity."""
+
+    weight: float = 1.0
+    """Penalty weight (lambda)."""
+
+    def __post_init__(self) -> None:
+        check_non_negative("strategy.mas", weight=self.weight)
+
+
+@dataclass
+class AGEMConfig:
+    """Averaged Gradient Episodic Memory (Chaudhry et al. 2019)."""
+
+    patterns: int = 256
+    """Blocks stored per experience."""
+    sample_size: int = 64
+    """Blocks sampled from memory to compute the reference gradient."""
+
+    def __post_init__(self) -> None:
+        check_positive("strategy.agem", patterns=self.patterns, sample_size=self.sample_size)
+
+
+StrategyName = Literal["naive", "replay", "ewc", "si", "mas", "agem", "cumulative", "joint", "distill"]
+STRATEGIES: tuple[str, ...] = typing.get_args(StrategyName)
+# Strategies with per-parameter importances, which do not follow a growing expert table.
+PER_PARAMETER_STRATEGIES = ("ewc", "si", "mas")
+# Strategies that run with FSDP-sharded parameters: none keeps a copy of the model or per-parameter state.
+FSDP_STRATEGIES = ("naive", "replay", "cumulative", "joint")
+
+
+@dataclass
+class StrategyConfig:
+    """The continual-learning strategy and its settings, one nested section per strategy."""
+
+    name: StrategyName = "naive"
+    """One of naive, replay, ewc, si, mas, agem, cumulative, joint (the upper bound), distill."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    ewc: EWCConfig = field(default_factory=EWCConfig)
+    si: SIConfig = field(default_factory=SIConfig)
+    mas: MASConfig = field(default_factory=MASConfig)
+    agem: AGEMConfig = field(default_factory=AGEMConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
