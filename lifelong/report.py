@@ -45,11 +45,13 @@ def _as_run(run: RunRecord | str | Path) -> RunRecord:
 
 
 def _growth(run: RunRecord) -> str:
+    """"SCHEDULE xN", N the growths (optimizer steps with one) of the run, or the range over its seeds."""
     growth = run.config.get("growth", {})
     schedule = growth.get("schedule", "none")
-    if schedule == "none" and not run.growth_events():
+    counts = sorted({len(r.growth_steps()) for r in (run.seed_runs() if run.results.get("seeds") else [run])})
+    if schedule == "none" and counts == [0]:
         return "-"
-    return f"{schedule} x{len(run.growth_steps())}"
+    return f"{schedule} x{counts[0]}" + (f"-{counts[-1]}" if len(counts) > 1 else "")
 
 
 def row(run: RunRecord | str | Path) -> dict:

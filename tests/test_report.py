@@ -195,3 +195,13 @@ def test_isolation_of_grown_experts_shows_as_shares(tmp_path):
     assert "12.5%" in text and "50.0%" in text
     path = report.write_csv(rows, tmp_path / "t.csv")
     assert "max_intrusion_lo" in path.read_text().splitlines()[0]
+
+
+def test_a_multi_seed_run_counts_the_growths_of_its_seeds(tmp_path):
+    events = [{"step": s, "layer": "l", "added": 64} for s in (10, 20)]
+    growth = {"strategy": {"name": "naive"}, "model": {"ffn": "peer"}, "growth": {"schedule": "trigger"}}
+    make_run(tmp_path / "g" / "seed-0", growth_events=events, config=growth)
+    make_run(tmp_path / "g" / "seed-1", growth_events=events[:1], config=growth)
+    agg = make_run(tmp_path / "g" / "agg", seeds=[0, 1], runs=["../seed-0", "../seed-1"], config=growth)
+    assert report.row(agg)["growth"] == "trigger x1-2"
+    assert report.row(tmp_path / "g" / "seed-0")["growth"] == "trigger x2"
