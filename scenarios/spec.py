@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import functools
+import math
 import os
 import types
 import typing
@@ -111,6 +112,8 @@ def _check(value: Any, tp: Any, where: str, error: type[Exception], noun: str) -
         }
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and type(value) is float and not math.isfinite(value):  # a NaN threshold compares false
+        raise error(f"{where}: expected a finite number, got {value!r}")
     if tp in (int, float, str, bool):
         if type(value) is not tp:  # exact: True is no int, 1 no str
             raise _Mismatch()

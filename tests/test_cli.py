@@ -92,6 +92,8 @@ def run_cli(argv) -> int:
     (["run", "--preset", "nope"], "unknown preset 'nope'"),
     (["run", "--set", "train.lrr=1"], "unknown config key train.lrr"),
     (["run", "--set", "train.batch_size=big"], "expected int"),
+    (["run", "--set", "train.grad_clip=.nan"], "train.grad_clip: expected a finite number"),
+    (["run", "--set", "train.lr=.inf"], "train.lr: expected a finite number"),
     (["run", "--config", "/nonexistent/c.yaml"], "does not exist"),
     (["flops", "--set", "model.peer.num_experts=1000"], "model.peer"),
     (["bogus"], "invalid choice"),

@@ -91,6 +91,8 @@ def test_builds_nested_dataclasses_and_lists_of_them():
         ({1: 2}, "", "keys must be strings, got 1"),
         ({"inner": {1: 2}}, "", "inner: keys must be strings, got 1"),
         ({"inner": {"size": -1}}, "", "inner: negative size"),  # a TypeError of the constructor
+        ({"inner": {"rate": float("nan")}}, "", "inner.rate: expected a finite number, got nan"),
+        ({"inner": {"rate": float("-inf")}}, "", "inner.rate: expected a finite number, got -inf"),
     ],
 )
 def test_errors(values, where, message):
