@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from lifelong import rundir
+from lifelong.config import MAX_SEED
 from lifelong.presets import available_presets, resolve
 from lifelong.errors import CheckpointError, ConfigError, TrainingDiverged
 
@@ -100,6 +101,8 @@ def _parse_seeds(text: str) -> list[int]:
         raise ConfigError(f"--seeds {text!r}: expected integers separated by commas, e.g. --seeds 0,1,2") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {text!r}: expected distinct integers, e.g. --seeds 0,1,2")
+    if not all(0 <= seed <= MAX_SEED for seed in seeds):
+        raise ConfigError(f"--seeds {text!r}: every seed must be in 0..{MAX_SEED}")
     return seeds
 
 

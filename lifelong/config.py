@@ -254,6 +254,9 @@ class CheckpointConfig:
         check_non_negative("checkpoint", every_steps=self.every_steps)
 
 
+MAX_SEED = 2**32 - 1  # the largest seed NumPy's legacy generator (and so every library seeded with it) accepts
+
+
 @dataclass
 class RunConfig:
     """Everything that defines a run; saved resolved in the run directory."""
@@ -269,6 +272,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed: expected an integer in 0..{MAX_SEED} (what NumPy's generators take), got {self.seed}")
         growing = self.growth.schedule != "none" or self.growth.freeze != "none"
         if growing and self.model.ffn == "dense":
             raise ConfigError("growth needs PEER or MoE layers, but model.ffn is 'dense'")

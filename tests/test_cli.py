@@ -93,6 +93,8 @@ def run_cli(argv) -> int:
     (["run", "--set", "train.lrr=1"], "unknown config key train.lrr"),
     (["run", "--set", "train.batch_size=big"], "expected int"),
     (["run", "--set", "train.grad_clip=.nan"], "train.grad_clip: expected a finite number"),
+    (["run", "--set", "seed=-1"], "seed: expected an integer in 0..4294967295"),
+    (["run", "--set", "seed=4294967296"], "seed: expected an integer in 0..4294967295"),
     (["run", "--set", "train.lr=.inf"], "train.lr: expected a finite number"),
     (["run", "--config", "/nonexistent/c.yaml"], "does not exist"),
     (["flops", "--set", "model.peer.num_experts=1000"], "model.peer"),
@@ -114,7 +116,7 @@ def test_console_entry_point_has_no_traceback_on_bad_input():
     assert proc.stderr.strip() == "lifelong: error: model.ffn: 'sparse' is not one of peer, moe, dense"
 
 
-@pytest.mark.parametrize("seeds", ["a,b", "1,1", ","])
+@pytest.mark.parametrize("seeds", ["a,b", "1,1", ",", "-1,0", "0,4294967296"])
 def test_bad_seeds(seeds, capsys, tmp_path):
     assert run_cli(["run", "--preset", "smoke", "--seeds", seeds, "--out", str(tmp_path / "r")]) == 2
     assert "--seeds" in capsys.readouterr().err
