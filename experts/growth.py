@@ -57,14 +57,15 @@ def warmup_offsets(left: torch.Tensor, total: torch.Tensor, margin: torch.Tensor
     return torch.where((left == total) & (total > 0), torch.full_like(offset, -math.inf), offset)
 
 
-def advance_warmup_(offset: torch.Tensor, left: torch.Tensor, total: torch.Tensor, margin: torch.Tensor,
-                    steps: int) -> None:
+def advance_warmup_(offset: torch.Tensor, left: torch.Tensor, total: torch.Tensor, schedule: torch.Tensor,
+                    steps: int, offsets=warmup_offsets) -> None:
     """Take ``steps`` warm-in steps: decrement ``left`` (>= 0) and rewrite the offsets of the rows
-    that were warming up. Rows that were not (left == 0) keep whatever offset they have."""
+    that were warming up as ``offsets(left, total, schedule)`` (a margin for `warmup_offsets`, knots
+    for `schedule_offsets`). Rows that were not (left == 0) keep whatever offset they have."""
     check_int("steps", steps)
     active = left > 0
     left.sub_(steps).clamp_(min=0)
-    offset.copy_(torch.where(active, warmup_offsets(left, total, margin), offset))
+    offset.copy_(torch.where(active, offsets(left, total, schedule), offset))
 
 
 def schedule_offsets(left: torch.Tensor, total: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
@@ -80,15 +81,6 @@ def schedule_offsets(left: torch.Tensor, total: torch.Tensor, knots: torch.Tenso
     offset = at(lo) + (at(lo + 1) - at(lo)) * frac
     offset = torch.where(left > 0, offset, torch.zeros_like(offset))
     return torch.where((left == total) & (total > 0), torch.full_like(offset, -math.inf), offset)
-
-
-def advance_schedule_(offset: torch.Tensor, left: torch.Tensor, total: torch.Tensor, knots: torch.Tensor,
-                      steps: int) -> None:
-    """`advance_warmup_` for rows that follow warm-in schedules (`schedule_offsets`)."""
-    check_int("steps", steps)
-    active = left > 0
-    left.sub_(steps).clamp_(min=0)
-    offset.copy_(torch.where(active, schedule_offsets(left, total, knots), offset))
 
 
 def linear_knots(margin: torch.Tensor) -> torch.Tensor:

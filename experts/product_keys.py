@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .checks import check_int, check_key_dim
-from .growth import KNOTS, advance_schedule_, cached_stat, linear_knots, schedule_offsets
+from .growth import KNOTS, advance_warmup_, cached_stat, linear_knots, schedule_offsets
 from .surgery import append_rows_, resize_rows_
 
 
@@ -167,11 +167,12 @@ class ProductKeys(nn.Module):
         return cached_stat(self.warmup_left, "any_positive")
 
     def advance_warmup(self, steps: int = 1) -> None:
-        """Anneal the warming rows' offset1 by ``steps`` optimizer steps (growth.warmup_offsets)."""
+        """Anneal the warming rows' offset1 by ``steps`` optimizer steps (growth.schedule_offsets)."""
         check_int("steps", steps)
         if self.warming_up():
             with torch.no_grad():
-                advance_schedule_(self.offset1, self.warmup_left, self.warmup_total, self.warmup_knots, steps)
+                advance_warmup_(self.offset1, self.warmup_left, self.warmup_total, self.warmup_knots, steps,
+                                schedule_offsets)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A checkpoint of a grown codebook (more first-codebook rows) resizes this one to match

@@ -105,13 +105,18 @@ class RunSession:
         self.progress.bpb_rows.append(bpb)
         self.progress.block_losses.append([b.tolist() for b in blocks])
 
+    def _growth_events(self) -> list[dict]:
+        """Every growth so far (`lifelong grow`'s and the plugin's), in (step, layer) order."""
+        return sorted(self.manual_growth + (self.growth.events if self.growth else []),
+                      key=lambda e: (e["step"], e["layer"]))
+
     def _record_usage(self, stats: dict, counts: dict) -> None:
         """Usage summary (with each domain's isolation from grown experts) into the results; the raw
         per-head counts go into the stage snapshot."""
         learned = len(self.progress.stages)  # this stage's index: the domains trained so far
         if self.cfg.strategy.name == "joint" and learned:
             learned = len(self.domains)
-        events = sorted(self.manual_growth + (self.growth.events if self.growth else []), key=lambda e: e["step"])
+        events = self._growth_events()
         for name, layer in self.model.expert_layers().items():
             experience_of = {g + 1: e["experience"] for g, e in enumerate(x for x in events if x["layer"] == name)}
             per_domain = np.stack([counts[name][d].sum(0).cpu().numpy() for d in self.domains])
@@ -302,8 +307,7 @@ class RunSession:
             rollbacks=p.rollbacks,
             experts=results_io.per_layer(p.expert_stats),
             **results_io.isolation(p.expert_stats),
-            growth_events=sorted(self.manual_growth + (self.growth.events if self.growth else []),
-                                 key=lambda e: (e["step"], e["layer"])),
+            growth_events=self._growth_events(),
             freeze_events=self.growth.frozen_events if self.growth else [],
             flops_per_token=int(sum(flops.values())),
             params=self.model.param_counts(),
