@@ -1,7 +1,10 @@
 import hashlib
 import itertools
 import json
+import os
 import socket
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +216,155 @@ def test_local_fingerprint_changes_with_files(tmp_path):
     fp2 = make_source(DomainSpec("w", path=str(tmp_path))).fingerprint()
     (tmp_path / "b.txt").write_text("new")
     assert make_source(DomainSpec("w", path=str(tmp_path))).fingerprint() != fp2
+
+
+# --------------------------------------------------------------------------- hostile local files
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+
+
+def no_hang(fn, *fifos, timeout=10):
+    """``fn()`` in a thread: fails instead of hanging when it blocks (opening a named
+    pipe), then frees the thread by opening ``fifos`` for writing."""
+    out = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as e:
+            out["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        for f in fifos:
+            try:
+                os.close(os.open(f, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        t.join(5)
+        pytest.fail(f"still running after {timeout}s (blocked on a named pipe?)")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+@needs_fifo
+def test_fifo_in_folder_is_skipped_with_one_warning(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("alpha")
+    fifos = [tmp_path / "p.txt", tmp_path / "sub" / "q.jsonl", tmp_path / "x.csv"]  # x.csv: not a text file
+    for f in fifos:
+        os.mkfifo(f)
+    with pytest.warns(UserWarning) as record:
+        src = make_source(DomainSpec("w", path=str(tmp_path)))
+    assert [str(w.message) for w in record] == [
+        "domain 'w': skipped 2 entries that are not regular readable files: "
+        "p.txt (named pipe), sub/q.jsonl (named pipe)"
+    ]
+    assert src.files == ["a.txt"]
+    assert no_hang(lambda: take(src, 10), *fifos) == [("a.txt", "alpha")]
+    assert no_hang(src.fingerprint, *fifos) == src.fingerprint()
+
+
+@needs_fifo
+def test_fifo_as_path_or_only_entry_is_stream_error(tmp_path):
+    os.mkfifo(tmp_path / "p.txt")
+    with pytest.raises(StreamError, match=r"^domain 'w': path .*p\.txt is not a readable file or folder \(named pipe\)$"):
+        no_hang(lambda: make_source(DomainSpec("w", path=str(tmp_path / "p.txt"))), tmp_path / "p.txt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error says it all: no warning as well
+        with pytest.raises(StreamError, match=r"^domain 'w': folder .* contains no \.txt, \.jsonl or \.parquet files "
+                           r"that can be read; skipped 1 entry that is not a regular readable file: p\.txt \(named pipe\)$"):
+            no_hang(lambda: take(make_source(DomainSpec("w", path=str(tmp_path))), 1), tmp_path / "p.txt")
+
+
+def test_dangling_and_looping_links_are_skipped_and_links_to_files_read(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "link.txt").symlink_to("a.txt")
+    (tmp_path / "d.txt").symlink_to("missing.txt")
+    (tmp_path / "l.txt").symlink_to("l.txt")
+    (tmp_path / "m.jsonl").symlink_to("n.jsonl")
+    (tmp_path / "n.jsonl").symlink_to("m.jsonl")
+    (tmp_path / "z.txt").symlink_to("a.txt/x")  # a path through a file
+    with pytest.warns(UserWarning) as record:
+        src = make_source(DomainSpec("w", path=str(tmp_path)))
+    assert [str(w.message) for w in record] == [
+        "domain 'w': skipped 5 entries that are not regular readable files: "
+        "d.txt (dangling link), l.txt (looping link), m.jsonl (looping link), and 2 more"
+    ]
+    assert dict(take(src, 10)) == {"a.txt": "alpha", "link.txt": "alpha"}
+    assert take(make_source(DomainSpec("w", path=str(tmp_path / "link.txt"))), 10) == [("link.txt", "alpha")]
+
+
+@pytest.mark.parametrize("name, why", [("d.txt", "dangling link"), ("l.txt", "looping link")])
+def test_bad_link_as_path_is_stream_error(tmp_path, name, why):
+    (tmp_path / "d.txt").symlink_to("missing.txt")
+    (tmp_path / "l.txt").symlink_to("l.txt")
+    with pytest.raises(StreamError, match=rf"^domain 'w': path .*{name} is not a readable file or folder \({why}\)$"):
+        make_source(DomainSpec("w", path=str(tmp_path / name)))
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file_is_skipped_or_stream_error(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "secret.txt").write_text("hidden")
+    (tmp_path / "secret.txt").chmod(0)
+    with pytest.warns(UserWarning, match=r"skipped 1 entry .*: secret\.txt \(cannot be read: permission denied\)$"):
+        src = make_source(DomainSpec("w", path=str(tmp_path)))
+    assert take(src, 10) == [("a.txt", "alpha")]
+    with pytest.raises(StreamError, match=r"path .*secret\.txt is not a readable file or folder \(cannot be read"):
+        make_source(DomainSpec("w", path=str(tmp_path / "secret.txt")))
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".parquet"])
+@pytest.mark.parametrize("change, why", [
+    ("vanished", "No such file or directory"),
+    ("folder", "folder, not a regular file"),
+    ("pipe", "named pipe, not a regular file"),
+])
+def test_file_changed_after_listing_is_stream_error(tmp_path, suffix, change, why):
+    """An OSError while reading, or a file swapped for a named pipe (which must not hang)."""
+    if change == "pipe" and not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes on this platform")
+    f = tmp_path / f"x{suffix}"
+    f.write_bytes(b"")
+    src = make_source(DomainSpec("w", path=str(tmp_path)))
+    f.unlink()
+    if change == "folder":
+        f.mkdir()
+    elif change == "pipe":
+        os.mkfifo(f)
+    with pytest.raises(StreamError, match=rf"^domain 'w': .*x\{suffix}: cannot read file \({why}\)$"):
+        no_hang(lambda: take(src, 10), f)
+
+
+def test_jsonl_nested_too_deeply_or_huge_number(tmp_path):
+    (tmp_path / "deep.jsonl").write_text('{"text": "ok"}\n' + "[" * 100_000 + "\n")
+    with pytest.raises(StreamError, match=r"^domain 'w': .*deep\.jsonl line 2: JSON nested too deeply$"):
+        take(make_source(DomainSpec("w", path=str(tmp_path / "deep.jsonl"))), 10)
+    (tmp_path / "big.jsonl").write_text('{"text": "ok", "n": ' + "9" * 5000 + "}\n")
+    with pytest.raises(StreamError, match=r"big\.jsonl line 1: invalid JSON \(Exceeds the limit"):
+        take(make_source(DomainSpec("w", path=str(tmp_path / "big.jsonl"))), 10)
+
+
+@needs_fifo
+def test_stat_digest_and_walk_survive_hostile_entries(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "l.txt").symlink_to("l.txt")
+    (tmp_path / "d.txt").symlink_to("missing")
+    os.mkfifo(tmp_path / "p\nq.txt")
+    os.close(os.open(os.path.join(os.fsencode(tmp_path), b"\xff.txt"), os.O_CREAT | os.O_WRONLY))  # not UTF-8
+    names = sorted(os.listdir(tmp_path))
+    digest = base._stat_digest(tmp_path, names)
+    assert base._stat_digest(tmp_path, names) == digest
+    (tmp_path / "a.txt").write_text("alpha beta")
+    assert base._stat_digest(tmp_path, names) != digest
+    assert base._walk(tmp_path, accept=lambda fn: True, prune=lambda rel, d: False) == ["a.txt", "\udcff.txt"]
+    with pytest.warns(UserWarning) as record:
+        make_source(DomainSpec("w", path=str(tmp_path))).fingerprint()
+    assert str(record[0].message).endswith(": d.txt (dangling link), l.txt (looping link), 'p\\nq.txt' (named pipe)")
 
 
 # --------------------------------------------------------------------------- Hugging Face hub (offline)

@@ -7,17 +7,30 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, BinaryIO, Iterator, Mapping, Optional
 
 import numpy as np
 
 from ..errors import StreamError
-from .base import Document, Source, _seeded_permutation, _stat_digest, _walk, seeded_order
+from .base import (
+    Document,
+    Source,
+    _file_problem,
+    _open_regular,
+    _seeded_permutation,
+    _stat_digest,
+    _walk,
+    seeded_order,
+)
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 _MISSING = object()
+
+_SKIP_EXAMPLES = 3  # skipped entries named in the warning; the rest are only counted
 
 
 def _lookup(row: Mapping, field: str) -> Any:
@@ -89,23 +102,30 @@ class LocalSource(Source):
         self.path = Path(path).expanduser()
         self.rows = RowReader(domain, text_field, filter)
         self.filter = filter
-        if not self.path.exists():
+        # os.path, not Path.exists(): that says "missing" for looping links and raises on EACCES
+        if not os.path.lexists(self.path):
             raise self._err(f"path {path} does not exist")
-        if self.path.is_file():
-            if self.path.suffix.lower() not in LOCAL_SUFFIXES:
-                raise self._err(f"file {path} is not a .txt, .jsonl or .parquet file")
-            self.root, self.files = self.path.parent, [self.path.name]
-        elif self.path.is_dir():
+        if os.path.isdir(self.path):
             self.root = self.path
+            skipped: list[tuple[str, str]] = []
             self.files = _walk(
                 self.path,
                 accept=lambda fn: fn.lower().endswith(LOCAL_SUFFIXES) and not fn.startswith("."),
                 prune=lambda rel, d: d.startswith(".") or d == "__pycache__",
+                skipped=skipped,
             )
             if not self.files:
-                raise self._err(f"folder {path} contains no .txt, .jsonl or .parquet files")
+                why = f" that can be read; {_skipped_summary(skipped)}" if skipped else ""
+                raise self._err(f"folder {path} contains no .txt, .jsonl or .parquet files{why}")
+            if skipped:
+                warnings.warn(f"domain '{domain}': {_skipped_summary(skipped)}", UserWarning, stacklevel=3)
         else:
-            raise self._err(f"path {path} is neither a file nor a folder")
+            problem = _file_problem(self.path)
+            if problem is not None:
+                raise self._err(f"path {path} is not a readable file or folder ({problem})")
+            if self.path.suffix.lower() not in LOCAL_SUFFIXES:
+                raise self._err(f"file {path} is not a .txt, .jsonl or .parquet file")
+            self.root, self.files = self.path.parent, [self.path.name]
         if filter and all(f.lower().endswith(".txt") for f in self.files):
             raise self._err(f"filter needs .jsonl or .parquet rows with metadata, but {path} has only .txt files")
         self.description = f"local: {self.path.resolve()}"
@@ -124,8 +144,15 @@ class LocalSource(Source):
             else:
                 yield from self._parquet(rel, seed)
 
+    def _read_error(self, path: Path, e: OSError) -> StreamError:
+        return self._err(f"{path}: cannot read file ({e.strerror or e})")
+
     def _read_txt(self, rel: str) -> str:
-        raw = (self.root / rel).read_bytes()
+        try:
+            with _open_regular(self.root / rel) as f:
+                raw = f.read()
+        except OSError as e:
+            raise self._read_error(self.root / rel, e) from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -134,13 +161,20 @@ class LocalSource(Source):
 
     def _jsonl(self, rel: str, seed: int) -> Iterator[Document]:
         path = self.root / rel
-        starts, size = _line_starts(path)
-        with open(path, "rb") as f:
+        try:
+            starts, size = _line_starts(path)
+            f = _open_regular(path)
+        except OSError as e:
+            raise self._read_error(path, e) from None
+        with f:
             for i in _seeded_permutation(len(starts), seed, rel):
                 i = int(i)
                 end = int(starts[i + 1]) if i + 1 < len(starts) else size
-                f.seek(int(starts[i]))
-                raw = f.read(end - int(starts[i]))
+                try:
+                    f.seek(int(starts[i]))
+                    raw = f.read(end - int(starts[i]))
+                except OSError as e:
+                    raise self._read_error(path, e) from None
                 where = f"{path} line {i + 1}"
                 try:
                     line = raw.decode("utf-8")
@@ -152,16 +186,29 @@ class LocalSource(Source):
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise self._err(f"{where}: invalid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise self._err(f"{where}: JSON nested too deeply") from None
+                except ValueError as e:  # e.g. an integer with more digits than int() allows
+                    raise self._err(f"{where}: invalid JSON ({e})") from None
                 text = self.rows.text(row, where)
                 if text is not None:
                     yield Document(f"{rel}:{i + 1}", text=text)
 
     def _parquet(self, rel: str, seed: int) -> Iterator[Document]:
-        import pyarrow.parquet as pq
-
         path = self.root / rel
         try:
-            pf = pq.ParquetFile(path)
+            f = _open_regular(path)
+        except OSError as e:
+            raise self._read_error(path, e) from None
+        with f:
+            yield from self._parquet_rows(f, path, rel, seed)
+
+    def _parquet_rows(self, f: BinaryIO, path: Path, rel: str, seed: int) -> Iterator[Document]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(f)
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError for broken files
             raise self._err(f"{path}: cannot read parquet file ({e})") from None
         columns = pf.schema_arrow.names
@@ -173,7 +220,10 @@ class LocalSource(Source):
         offsets = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
         for g in _seeded_permutation(pf.num_row_groups, seed, rel):
             g = int(g)
-            rows = pf.read_row_group(g, columns=sorted(needed)).to_pylist()
+            try:
+                rows = pf.read_row_group(g, columns=sorted(needed)).to_pylist()
+            except (OSError, pa.ArrowException) as e:  # a corrupt row group, or a read error
+                raise self._err(f"{path}: cannot read parquet file ({e})") from None
             for j in _seeded_permutation(len(rows), seed, f"{rel}#{g}"):
                 row_no = int(offsets[g]) + int(j)
                 text = self.rows.text(rows[int(j)], f"{path} row {row_no}")
@@ -186,7 +236,7 @@ def _line_starts(path: Path, chunk: int = 1 << 24) -> tuple[np.ndarray, int]:
     newline), found in fixed-size chunks so huge files need little memory."""
     found = [np.zeros(1, dtype=np.int64)]
     pos = 0
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         while True:
             buf = f.read(chunk)
             if not buf:
@@ -196,3 +246,12 @@ def _line_starts(path: Path, chunk: int = 1 << 24) -> tuple[np.ndarray, int]:
     starts = np.concatenate(found)
     return starts[starts < pos], pos
 
+
+def _skipped_summary(skipped: list[tuple[str, str]]) -> str:
+    """One line counting the skipped folder entries and naming the first few."""
+    n = len(skipped)
+    what = "entry that is not a regular readable file" if n == 1 else "entries that are not regular readable files"
+    # ascii() for names with control characters: the message must stay one line
+    shown = [f"{rel if rel.isprintable() else ascii(rel)} ({why})" for rel, why in skipped[:_SKIP_EXAMPLES]]
+    more = f", and {n - _SKIP_EXAMPLES} more" if n > _SKIP_EXAMPLES else ""
+    return f"skipped {n} {what}: {', '.join(shown)}{more}"
