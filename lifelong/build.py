@@ -64,3 +64,49 @@ def build_model(cfg: RunConfig, vocab_size: int) -> LanguageModel:
         return LanguageModel(cfg.model, vocab_size=vocab_size, context=cfg.stream.block_len)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
+
+
+# fp32 weights plus AdamW's two moments: the least a training run holds per parameter
+TRAIN_BYTES_PER_PARAM = 12
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (CUDA: free device memory; CPU: MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def meta_model(cfg: RunConfig, vocab_size: int) -> LanguageModel:
+    """The configured model with shapes only (meta tensors): its sizes and FLOPs at any scale, no memory."""
+    with torch.device("meta"):
+        return build_model(cfg, vocab_size)
+
+
+def check_fits(params: int, device: torch.device, what: str, hint: str) -> None:
+    """ConfigError when training `params` more parameters needs more memory than `device` has free
+    (fp32 weights and AdamW moments; gradients and activations come on top)."""
+    free = available_memory(device)
+    needed = params * TRAIN_BYTES_PER_PARAM
+    if free is not None and needed > free:
+        raise ConfigError(f"{what}: {params:,} parameters need at least {needed / 2**30:,.1f} GiB for fp32 "
+                          f"weights and AdamW moments, but {device} has {free / 2**30:,.1f} GiB free; {hint}")
+
+
+def build_trainable_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> LanguageModel:
+    """`build_model`, refused with one line before any allocation when training it cannot fit in memory."""
+    params = meta_model(cfg, vocab_size).param_counts()["total"]
+    check_fits(params, device, "model", "lower model.peer.num_experts (or model.moe.num_experts, model.dim)")
+    return build_model(cfg, vocab_size)

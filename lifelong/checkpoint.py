@@ -6,15 +6,17 @@
 
 A checkpoint is assembled in a hidden temporary folder, fsync'ed and renamed into place (atomic
 on POSIX); the previous one is deleted only afterwards, so a process killed at any moment leaves
-a complete checkpoint to resume from (and at most a `.tmp-*` leftover, cleaned up later).
+a complete checkpoint to resume from (and at most a `.tmp-*` leftover, cleaned up later). A
+`ckpt-*` entry missing a file is skipped by `latest` (with a warning), and a full disk is a
+CheckpointError naming the space needed, with the previous checkpoint kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import random
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -27,12 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lifelong.errors import CheckpointError, ConfigError
-from lifelong.rundir import CHECKPOINT_DIR, CONFIG_FILE
+from lifelong.rundir import CHECKPOINT_DIR, CHECKPOINT_NAME, CONFIG_FILE, MODEL_FILE, STATE_FILE, checkpoint_folders
 
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "state.pt"
 FORMAT = "lifelong-experts/checkpoint/1"
-_NAME = re.compile(r"^ckpt-(\d{6,})$")
 
 
 @dataclass
@@ -51,6 +50,8 @@ class Progress:
     lr_scale: float = 1.0  # product of the rollbacks' learning-rate factors
     eval_seconds: float = 0.0
     elapsed_seconds: float = 0.0
+    data_hashes: list[str] | None = None  # each domain's token blocks (Stream.content_hashes) at the start
+    data_changes: list[dict] = field(default_factory=list)  # resumes allowed on changed data
 
     def as_state(self) -> dict:
         return dict(self.__dict__)
@@ -129,20 +130,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _complete(root: Path) -> list[tuple[int, Path]]:
-    found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            match = _NAME.match(child.name)
-            if match and child.is_dir():
-                found.append((int(match.group(1)), child))
-    return sorted(found)
+def latest(run_dir: str | Path, warn=None) -> Path | None:
+    """The newest complete checkpoint folder of a run, or None. `warn(message)` hears of every
+    `ckpt-*` entry skipped because it is incomplete (a stray file, a folder missing a file)."""
+    complete, incomplete = checkpoint_folders(run_dir)
+    if warn is not None:
+        for stray in incomplete:
+            warn(f"warning: skipping {stray}: not a complete checkpoint (needs {MODEL_FILE} and {STATE_FILE})")
+    return complete[-1][1] if complete else None
 
 
-def latest(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
-    found = _complete(Path(run_dir) / CHECKPOINT_DIR)
-    return found[-1][1] if found else None
+def _nbytes(value: Any) -> int:
+    """Bytes of the tensors in a nested state (what a checkpoint of it needs on disk, roughly)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _full_disk(err: BaseException, root: Path, needed: int) -> bool:
+    """Whether a failed write ran out of space: ENOSPC/EDQUOT from Python, or a writer (torch.save,
+    safetensors) that words it its own way while the free space is below what the checkpoint needs."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(err, Exception) or not root.is_dir():
+        return False
+    return "no space left" in str(err).lower() or shutil.disk_usage(root).free < needed
+
+
+def _no_space(root: Path, final: Path, needed: int, previous: Path | None) -> CheckpointError:
+    free = shutil.disk_usage(root).free
+    kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
+    return CheckpointError(f"no space left on the device to write checkpoint {final}: it needs about "
+                           f"{needed / 2**20:,.1f} MiB and {free / 2**20:,.1f} MiB are free; {kept}")
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -169,10 +192,15 @@ def save(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any], kee
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(".tmp-*"):  # from a process killed while writing
         shutil.rmtree(leftover, ignore_errors=True)
-    existing = _complete(root)
-    number = existing[-1][0] + 1 if existing else 0
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    complete, incomplete = checkpoint_folders(run_dir)
+    # numbered past stray ckpt-* entries too, so the rename never lands on one
+    numbers = [n for n, _ in complete] + [int(CHECKPOINT_NAME.match(p.name).group(1)) for p in incomplete]
+    number = max(numbers) + 1 if numbers else 0
+    final = root / f"ckpt-{number:06d}"
+    needed = _nbytes(weights if weights is not None else model.state_dict()) + _nbytes(state)
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
         if weights is None:
             save_model(model, str(tmp / MODEL_FILE))
         else:  # one tensor per name (tied weights each get their copy)
@@ -181,13 +209,15 @@ def save(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any], kee
         for name in (MODEL_FILE, STATE_FILE):
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
-        final = root / f"ckpt-{number:06d}"
         os.rename(tmp, final)
         _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _full_disk(err, root, needed):
+            raise _no_space(root, final, needed, complete[-1][1] if complete else None) from None
         raise
-    for _, old in _complete(root)[:-keep]:
+    for _, old in checkpoint_folders(run_dir)[0][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -8,9 +8,9 @@ already written in a run directory is touched before the input is validated.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from lifelong import rundir
@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", metavar="S1,S2,...", help="one run per seed (in DIR/seed-S) and an aggregate "
                      "results.json with mean and standard deviation of every summary figure")
     run.add_argument("--resume", metavar="DIR",
-                     help="continue an interrupted run from its newest complete checkpoint (its saved config)")
+                     help="continue an interrupted run from its newest complete checkpoint (its saved config); "
+                     "a run stopped before its first checkpoint starts again")
+    run.add_argument("--allow-changed-data", action="store_true",
+                     help="with --resume: continue even if a domain's token blocks differ from the run's start")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     grow = sub.add_parser("grow", help="add experts to a saved checkpoint; continue it with run --resume")
@@ -75,23 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prepare_out_dir(out: str | None, preset: str, overwrite: bool) -> Path:
+def _out_dir(out: str | None, preset: str, overwrite: bool) -> tuple[Path, list[str]]:
+    """The new run's directory and the entries of an old run there that it will replace (removed
+    only when the new run is built and about to write, so a failed start loses nothing)."""
     path = Path(out) if out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--out {path} exists and is not a directory")
-    existing = [name for name in rundir.RUN_FILES if (path / name).exists()]
-    existing += [p.name for p in rundir.seed_dirs(path)]
-    if existing and not overwrite:
-        raise ConfigError(f"--out {path} already holds a run ({', '.join(existing)}); "
-                          "choose another directory or pass --overwrite")
-    from lifelong import distributed
-
-    if distributed.is_main():
-        for name in existing:  # only after validation, and only the files a run writes
-            target = path / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-    distributed.barrier()
-    return path
+    try:
+        return path, rundir.check_out_dir(path, overwrite)
+    except ConfigError as err:
+        raise ConfigError(f"--out: {err}") from None
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -126,23 +120,29 @@ def cmd_run(args) -> int:
             raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
         out = Path(args.resume)
         cfg = rundir.read_run_config(out)
+        saved_seeds = seeds.read_seeds(out)
         distributed.init_from_env(cfg.train.device)
         _say(f"run directory: {out}")
-        saved_seeds = seeds.read_seeds(out)
         if saved_seeds is not None:
-            res = seeds.run_seeds(cfg, saved_seeds, out, progress=progress, resuming=True, echo=_say)
+            res = seeds.run_seeds(cfg, saved_seeds, out, progress=progress, resuming=True, echo=_say,
+                                  allow_changed_data=args.allow_changed_data)
         else:
-            res = experiment.resume(out, progress=progress, echo=_say)
+            res = experiment.resume(out, progress=progress, echo=_say, allow_changed_data=args.allow_changed_data)
     else:
+        if args.allow_changed_data:
+            raise ConfigError("--allow-changed-data goes with --resume (a new run reads its data afresh)")
         cfg = resolve(args.preset or "builtin", args.config, args.overrides)
         seed_list = _parse_seeds(args.seeds) if args.seeds else None
+        out, replace = _out_dir(args.out, args.preset or "builtin", args.overwrite)
         distributed.init_from_env(cfg.train.device)
-        out = _prepare_out_dir(args.out, args.preset or "builtin", args.overwrite)
         _say(f"run directory: {out}")
+        if replace and not args.overwrite:
+            _say(f"note: {out} held a start stopped before its first checkpoint ({', '.join(replace)}); "
+                 "starting it again")
         if seed_list:
-            res = seeds.run_seeds(cfg, seed_list, out, progress=progress, echo=_say)
+            res = seeds.run_seeds(cfg, seed_list, out, progress=progress, echo=_say, replace=replace)
         else:
-            res = experiment.run(cfg, out, progress=progress, echo=_say)
+            res = experiment.run(cfg, out, progress=progress, echo=_say, replace=replace)
     _say()
     _say(results.format_table(res))
     info = res["run_info"]
@@ -174,12 +174,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_flops(args) -> int:
-    from lifelong.build import build_model
+    from lifelong.build import meta_model
     from scenarios import get_tokenizer
 
     cfg = resolve(args.preset or "builtin", args.config, args.overrides)
     vocab = get_tokenizer(cfg.stream.tokenizer).vocab_size
-    model = build_model(cfg, vocab)
+    model = meta_model(cfg, vocab)  # shapes only: any size is counted, nothing allocated
     flops = model.flops_per_token()
     width = max(len(k) for k in flops) + 2
     print(f"forward FLOPs per token (multiply-add = 2), context {cfg.stream.block_len}, vocab {vocab}")
@@ -193,8 +193,23 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _say(f"lifelong: warning: {message}", file=sys.stderr)
+
+
+def _os_error(err: OSError) -> str:
+    """An OSError as one line naming the path (a full disk, a read-only or vanished folder)."""
+    return f"{err.filename}: {err.strerror or err}" if err.filename else str(err.strerror or err)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():  # restores the default display when main returns
+        warnings.showwarning = _one_line_warning  # a warning is one line too, without the code line
+        return _main(args)
+
+
+def _main(args) -> int:
     from scenarios import StreamError
 
     from lifelong import checkpoint, distributed
@@ -210,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"; the last good checkpoint is {kept}" if kept else ""
         _say(f"lifelong: {err}{where}", file=sys.stderr)
         return EXIT_DIVERGED
+    except OSError as err:
+        _say(f"lifelong: error: {_os_error(err)}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         _say("lifelong: interrupted", file=sys.stderr)
         return 130

@@ -13,7 +13,7 @@ import torch
 import experts
 from experts import PEER, UsageCounter
 from lifelong import checkpoint
-from lifelong.build import build_model, load_stream
+from lifelong.build import build_model, check_fits, load_stream
 from lifelong.strategy_config import PER_PARAMETER_STRATEGIES
 from lifelong.errors import ConfigError
 from lifelong.model import eval_mode
@@ -43,14 +43,22 @@ def usage_of(layer, inputs: torch.Tensor) -> UsageCounter:
 def grow_layer(layer, n: int, optimizer, warmup_steps: int, init: str, inputs: torch.Tensor | None,
                usage=None, warmin: str = "calibrated", old_inputs: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, float]:
-    """Grow one layer; return the new ids and the max |output change| on `inputs` (eval mode)."""
+    """Grow one layer; return the new ids and the max |output change| on `inputs` (eval mode).
+    A growth that cannot be placed (too few tokens for k-means) or allocated is a ConfigError."""
     with eval_mode(layer):
         before = layer(inputs) if inputs is not None else None
-        if isinstance(layer, PEER):
-            ids = layer.grow(n, optimizer=optimizer, warmup_steps=warmup_steps, init=init,
-                             inputs=inputs, usage=usage, warmin=warmin, old_inputs=old_inputs)
-        else:  # MoE: router rows; no key placement to choose
-            ids = layer.grow(n, optimizer=optimizer, warmup_steps=warmup_steps, inputs=inputs)
+        try:
+            if isinstance(layer, PEER):
+                ids = layer.grow(n, optimizer=optimizer, warmup_steps=warmup_steps, init=init,
+                                 inputs=inputs, usage=usage, warmin=warmin, old_inputs=old_inputs)
+            else:  # MoE: router rows; no key placement to choose
+                ids = layer.grow(n, optimizer=optimizer, warmup_steps=warmup_steps, inputs=inputs)
+        except ValueError as err:
+            raise ConfigError(f"growing by {n:,} experts: {err}") from None
+        except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
+            if not isinstance(err, MemoryError) and "alloc" not in str(err).lower():
+                raise
+            raise ConfigError(f"growing by {n:,} experts: not enough memory ({str(err).splitlines()[0][:120]})") from None
         change = float((layer(inputs) - before).abs().max()) if inputs is not None else float("nan")
     return ids, change
 
@@ -93,6 +101,10 @@ def grow_checkpoint(path: str | Path, experts_per_layer: int, warmup_steps: int 
     if cfg.strategy.name in PER_PARAMETER_STRATEGIES:
         raise ConfigError(f"{run_dir}: strategy {cfg.strategy.name!r} keeps per-parameter importances "
                           "that do not follow a growing expert table")
+    # the grown tables are new tensors: the layers' full new size must fit beside the model
+    grown = sum(sum(p.numel() for p in available[name].parameters()) * (available[name].num_experts + experts_per_layer)
+                // available[name].num_experts for name in layers or list(available))
+    check_fits(grown, torch.device("cpu"), f"grow --experts {experts_per_layer:,}", "add fewer experts")
     optimizer = build_optimizer(model, cfg)
     progress = checkpoint.Progress(**state.progress)
     ScopeManager(model, optimizer, cfg.train.trainable).apply_saved(progress.next_experience,

@@ -11,10 +11,13 @@ so they need runs measured on the same test blocks.
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from lifelong.analysis import summary_figure
+from lifelong.rundir import RESULTS_FILE, RUN_INFO_FILE
+from lifelong.results_shape import is_number, json_kind, shape_error
 from lifelong.runs import RunRecord, load_run
 from lifelong.transfer import paired_differences
 
@@ -44,6 +47,40 @@ def _as_run(run: RunRecord | str | Path) -> RunRecord:
     return run if isinstance(run, RunRecord) else load_run(run)
 
 
+def _pair(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(map(is_number, value))
+
+
+def check_figures(run: RunRecord) -> None:
+    """ValueError naming the run's results.json when a figure the table shows is not a number or
+    null, or an interval not [low, high] (load_run has checked the rest of its shape)."""
+    where, res = run.path / RESULTS_FILE if run.path else run.name, run.results
+    bpb = res.get("bpb_summary")
+    if not isinstance(bpb, dict):
+        raise shape_error(where, "no bpb_summary" if bpb is None else f"bpb_summary: expected an object, got "
+                          f"{json_kind(bpb)}")
+    forgetting = bpb.get("forgetting") or {}
+    if not (isinstance(forgetting, dict) and all(map(is_number, forgetting.values()))):
+        raise shape_error(where, "bpb_summary.forgetting: expected a number per domain")
+    figures = {f"bpb_summary.{f}": summary_figure(bpb, f) for f in FIGURES.values()}
+    figures.update({key: res.get(key) for key in ("max_intrusion", "min_own", "flops_per_token", "wall_time_s")},
+                   num_experts=(res.get("num_experts") or [None])[-1])
+    for key, value in figures.items():
+        if value is not None and not is_number(value):
+            raise shape_error(where, f"{key}: expected a number, got {json_kind(value)}")
+    wall = run.run_info.get("wall_time_s")
+    if wall is not None and not is_number(wall):
+        raise ValueError(f"{run.path / RUN_INFO_FILE if run.path else run.name} is not a lifelong run info file "
+                         f"(wall_time_s: expected a number, got {json_kind(wall)})")
+    for key, intervals, names in (("bpb_summary.intervals", bpb.get("intervals"), FIGURES.values()),
+                                  ("intervals", res.get("intervals"), ("max_intrusion", "min_own"))):
+        if intervals and not isinstance(intervals, dict):
+            raise shape_error(where, f"{key}: expected an object, got {json_kind(intervals)}")
+        for name in names:
+            if (intervals or {}).get(name) and not _pair(intervals[name]):
+                raise shape_error(where, f"{key}.{name}: expected [low, high]")
+
+
 def _growth(run: RunRecord) -> str:
     """"SCHEDULE xN", N the growths (optimizer steps with one) of the run, or the range over its seeds."""
     growth = run.config.get("growth", {})
@@ -58,6 +95,7 @@ def row(run: RunRecord | str | Path) -> dict:
     """One table row: the run's identity and its summary figures (None where undefined), each with
     its interval under `<key>_interval` when the run recorded one."""
     run = _as_run(run)
+    check_figures(run)
     res = run.results
     bpb = res["bpb_summary"]
     intervals = bpb.get("intervals") or {}
@@ -213,17 +251,20 @@ def write_csv(rows: list[dict], path: str | Path, paired_rows: Sequence[dict] = 
     keys += [f"d_{key}{part}" for key in FIGURES for part in ("", "_lo", "_hi")] + ["path"]
     by_name = {r["name"]: r for r in paired_rows}
     path = Path(path)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            flat = dict(r)
-            for key in (*FIGURES, "max_intrusion", "min_own"):
-                flat[f"{key}_lo"], flat[f"{key}_hi"] = r.get(f"{key}_interval") or (None, None)
-            for key in FIGURES:
-                d = by_name.get(r["name"], {}).get(f"d_{key}") or (None, None, None)
-                flat[f"d_{key}"], flat[f"d_{key}_lo"], flat[f"d_{key}_hi"] = d
-            writer.writerow({k: "" if flat.get(k) is None else flat.get(k) for k in keys})
+    try:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            for r in rows:
+                flat = dict(r)
+                for key in (*FIGURES, "max_intrusion", "min_own"):
+                    flat[f"{key}_lo"], flat[f"{key}_hi"] = r.get(f"{key}_interval") or (None, None)
+                for key in FIGURES:
+                    d = by_name.get(r["name"], {}).get(f"d_{key}") or (None, None, None)
+                    flat[f"d_{key}"], flat[f"d_{key}_lo"], flat[f"d_{key}_hi"] = d
+                writer.writerow({k: "" if flat.get(k) is None else flat.get(k) for k in keys})
+    except OSError as err:
+        raise _cannot_write(path, err) from None
     return path
 
 
@@ -232,19 +273,43 @@ def save_comparison_png(runs: Sequence[RunRecord | str | Path], path: str | Path
     from lifelong import plots
 
     fig = plots.compare_matrices([_as_run(r) for r in runs], "bpb_matrix")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plots.plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    except OSError as err:
+        raise _cannot_write(path, err) from None
+    finally:
+        plots.plt.close(fig)
     return Path(path)
+
+
+def _cannot_write(path: str | Path, err: OSError) -> ValueError:
+    return ValueError(f"cannot write {path}: {err.strerror or err}")
+
+
+def check_output(path: str | Path) -> None:
+    """ValueError naming `path` when a file cannot be written there: its folder is missing, is not
+    a folder or is not writable, or `path` is a folder."""
+    folder = Path(path).parent
+    if Path(path).is_dir():
+        raise ValueError(f"cannot write {path}: it is a folder")
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {path}: " + (f"{folder} is not a folder" if folder.exists()
+                                                      else f"the folder {folder} does not exist"))
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {path}: the folder {folder} is not writable")
 
 
 def main_report(run_dirs: Sequence[str | Path], markdown: bool = False, csv_path: str | Path | None = None,
                 png_path: str | Path | None = None, pair: bool = True, samples: int = 1000) -> str:
     """What `lifelong report` prints: the comparison table (Markdown if asked), the paired
     differences against the first run (unless `pair` is false), notes on runs that are not
-    comparable, and the files written. ValueError names a path that is not a run directory, or
-    runs that cannot be paired."""
+    comparable, and the files written. ValueError names a path that is not a run directory, a
+    damaged results.json, an output file that cannot be written, or runs that cannot be paired."""
     if not run_dirs:
         raise ValueError("no run directory given")
+    for path in (csv_path, png_path):  # before the bootstrap, which can take a while
+        if path is not None:
+            check_output(path)
     runs = [load_run(p) for p in run_dirs]
     rows = report(runs)
     paired_rows, notes = paired(runs, samples) if pair and len(runs) > 1 else ([], [])

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lifelong import transfer
+from lifelong.results_shape import check_results, json_kind
 from lifelong.rundir import (CURVE_PREFIX, METRICS_FILE, RESULTS_FILE, RUN_INFO_FILE, SEED_PREFIX, SNAPSHOT_DIR,
                              is_seed_dir, read_json, read_metrics, snapshot_path)
 
@@ -318,11 +319,16 @@ class RunRecord:
 
 
 def load_run(path: str | Path) -> RunRecord:
-    """Read a run directory (ValueError if it has no results.json)."""
+    """Read a run directory (ValueError if it has no results.json, or one that is damaged or not
+    shaped like one; the message names the file)."""
     path = _check_run_dir(Path(path).expanduser())
+    results = check_results(read_json(path / RESULTS_FILE), path / RESULTS_FILE)
     info_path = path / RUN_INFO_FILE
     run_info = read_json(info_path) if info_path.is_file() else {}
-    return RunRecord(path, read_json(path / RESULTS_FILE), run_info, run_name(path))
+    if not isinstance(run_info, dict):
+        raise ValueError(f"{info_path} is not a lifelong run info file (expected a JSON object, "
+                         f"got {json_kind(run_info)})")
+    return RunRecord(path, results, run_info, run_name(path))
 
 
 def load_runs(spec=None, root: str | Path | None = None) -> list[RunRecord]:

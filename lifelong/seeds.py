@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lifelong import checkpoint, distributed, rundir
+from lifelong import distributed, rundir
 from lifelong.results import FIGURE_KEYS
-from lifelong.config import RunConfig, dump_yaml
+from lifelong.config import MAX_SEED, RunConfig, dump_yaml
+from lifelong.errors import ConfigError
 from lifelong.experiment import resume, run
 from lifelong.plots import save_matrix_heatmap
 
@@ -88,34 +89,49 @@ def aggregate_seeds(per_seed: list[dict], seeds: list[int], level: float = 0.95)
 
 def _finished(run_dir: Path) -> dict:
     """A finished run's results.json, with its run_info.json under "run_info" as `run` returns it."""
-    info = run_dir / rundir.RUN_INFO_FILE
-    return {**rundir.read_json(run_dir / rundir.RESULTS_FILE),
-            "run_info": rundir.read_json(info) if info.is_file() else {}}
+    try:
+        info = run_dir / rundir.RUN_INFO_FILE
+        return {**rundir.read_json(run_dir / rundir.RESULTS_FILE),
+                "run_info": rundir.read_json(info) if info.is_file() else {}}
+    except ConfigError as err:
+        raise ConfigError(f"{err}; delete it and --resume again to recompute it from the seed's last checkpoint") from None
 
 
 def run_seeds(cfg: RunConfig, seeds: list[int], out_dir: str | Path, progress: bool | None = None,
-              echo=print, resuming: bool = False) -> dict:
+              echo=print, resuming: bool = False, replace: list[str] | None = None,
+              allow_changed_data: bool = False) -> dict:
     """One run per seed in `out_dir/seed-N/`, then the aggregate results.json in `out_dir`.
 
     When `resuming`, finished seeds are read back, interrupted ones resumed, missing ones started.
+    Otherwise `out_dir` is checked like a single run's (`rundir.check_out_dir`; `replace` lists
+    what may be replaced), and the old entries go only once the first seed's run is built.
     """
     out_dir = Path(out_dir)
     main = distributed.is_main()
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if main and not resuming:
-        (out_dir / rundir.CONFIG_FILE).write_text(dump_yaml(cfg))
-        rundir.write_json_atomic(out_dir / rundir.SEEDS_FILE, {"seeds": seeds})
+    if not resuming and replace is None:
+        replace = rundir.check_out_dir(out_dir, overwrite=False)
+
+    def start() -> None:  # seeds.json first: a kill before config.yaml leaves no half multi-seed run
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            rundir.replace_entries(out_dir, replace)
+            rundir.write_json_atomic(out_dir / rundir.SEEDS_FILE, {"seeds": seeds})
+            rundir.write_text_atomic(out_dir / rundir.CONFIG_FILE, dump_yaml(cfg))
+        distributed.barrier()
+
     per_seed = []
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         seed_dir = rundir.seed_dir(out_dir, seed)
         echo(f"--- seed {seed} ({seed_dir})")
         if resuming and (seed_dir / rundir.RESULTS_FILE).is_file():
             per_seed.append(_finished(seed_dir))
-        elif resuming and checkpoint.latest(seed_dir) is not None:
-            per_seed.append(resume(seed_dir, progress=progress, echo=echo))
+        elif resuming and (seed_dir / rundir.CONFIG_FILE).is_file():
+            per_seed.append(resume(seed_dir, progress=progress, echo=echo, allow_changed_data=allow_changed_data))
         else:
-            per_seed.append(run(dataclasses.replace(cfg, seed=seed), seed_dir, progress=progress, echo=echo))
+            # a new run's seed folders were checked with out_dir and go with its old entries
+            per_seed.append(run(dataclasses.replace(cfg, seed=seed), seed_dir, progress=progress, echo=echo,
+                                replace=None if resuming else [],
+                                before_writing=start if i == 0 and not resuming else None))
     res = aggregate_seeds(per_seed, seeds, cfg.eval.interval_level)
     info = {key: round(sum(r["run_info"].get(key, 0.0) for r in per_seed), 2)
             for key in ("wall_time_s", "eval_time_s")}
@@ -128,6 +144,14 @@ def run_seeds(cfg: RunConfig, seeds: list[int], out_dir: str | Path, progress: b
 
 
 def read_seeds(run_dir: str | Path) -> list[int] | None:
-    """The seeds of a multi-seed run directory, or None for a single run."""
+    """The seeds of a multi-seed run directory, or None for a single run; ConfigError naming
+    seeds.json when it is damaged or does not hold a list of distinct seeds."""
     path = Path(run_dir) / rundir.SEEDS_FILE
-    return [int(s) for s in rundir.read_json(path)["seeds"]] if path.is_file() else None
+    if not path.is_file():
+        return None
+    data = rundir.read_json(path)
+    seeds = data.get("seeds") if isinstance(data, dict) else None
+    if (not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds)
+            or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_SEED for x in seeds)):
+        raise ConfigError(f'{path} does not hold a list of distinct seeds ({{"seeds": [0, 1, ...]}})')
+    return seeds

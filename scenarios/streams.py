@@ -4,9 +4,12 @@ experience per text domain, in order)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
+
+import numpy as np
 
 from .blocks import BlockDataset, DomainBlocks, build_domain_blocks
 from .errors import StreamError
@@ -116,6 +119,18 @@ class Stream:
     block_len: int
     tokenizer: Tokenizer
     experiences_per_domain: int = 1
+
+    def content_hashes(self) -> list[str]:
+        """Each domain's SHA-256 of its train and test token ids: what a run trained and is tested on,
+        so a run continued later can tell whether its data changed (a touched file that gives the
+        same tokens does not count)."""
+        out = []
+        for b in self.blocks:
+            h = hashlib.sha256()
+            for split in (b.train, b.test):
+                h.update(np.ascontiguousarray(split.tokens.numpy()).tobytes())
+            out.append(h.hexdigest())
+        return out
 
     def train_parts(self) -> list[tuple[int, int, BlockDataset]]:
         """``(domain_index, part, blocks)`` of every train experience, in order: each
@@ -252,6 +267,7 @@ def build_benchmark(spec: Union[str, Sequence[Union[DomainSpec, dict]]], **strea
     bench.domains = list(stream.domains)
     bench.domain_specs = stream.domain_specs
     bench.domain_info = stream.domain_info
+    bench.content_hashes = stream.content_hashes
     bench.vocab_size = stream.vocab_size
     bench.block_len = stream.block_len
     bench.tokenizer = stream.tokenizer

@@ -66,3 +66,13 @@ def test_the_stream_and_the_model_are_built_without_avalanche():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["4", "16", "256"]
+
+
+def test_a_model_too_large_for_memory_is_refused_before_allocation():
+    cfg = resolve("smoke", overrides=["model.peer.num_experts=1000000000000"])
+    meta = build.meta_model(cfg, vocab_size=256)  # shapes only: counted, not allocated
+    assert meta.num_experts() == 10**12 and meta.param_counts()["total"] > 10**14
+    with pytest.raises(ConfigError, match=r"^model: .* parameters need at least .* GiB .* model.peer.num_experts"):
+        build.build_trainable_model(cfg, 256, torch.device("cpu"))
+    small = build.build_trainable_model(resolve("smoke"), 256, torch.device("cpu"))
+    assert small.param_counts() == build.build_model(resolve("smoke"), 256).param_counts()

@@ -9,6 +9,8 @@ import math
 
 import pytest
 
+from toy_runs import rewrite_results
+
 from lifelong import report
 
 FORGETTING = {"a": 0.25, "b": -0.5}
@@ -205,3 +207,82 @@ def test_a_multi_seed_run_counts_the_growths_of_its_seeds(tmp_path):
     agg = make_run(tmp_path / "g" / "agg", seeds=[0, 1], runs=["../seed-0", "../seed-1"], config=growth)
     assert report.row(agg)["growth"] == "trigger x1-2"
     assert report.row(tmp_path / "g" / "seed-0")["growth"] == "trigger x2"
+
+
+# ---- bad input: one line naming the problem, exit status 2 -------------------------------------------
+
+def one_line_error(argv, capsys, *parts):
+    """`lifelong ARGV` exits with status 2 and one line on stderr holding every one of `parts`."""
+    from lifelong import cli
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for part in parts:
+        assert part in err, err
+    return err
+
+
+@pytest.mark.parametrize("change, what", [
+    (lambda r: [], "expected a JSON object, got a list"),
+    (lambda r: {}, "no domains"),
+    (lambda r: {"domains": 3}, "domains: expected a non-empty list of strings"),
+    (lambda r: {k: v for k, v in r.items() if k != "stages"}, "no stages"),
+    (lambda r: {k: v for k, v in r.items() if k != "bpb_matrix"}, "no bpb_matrix"),
+    (lambda r: {**r, "bpb_matrix": r["bpb_matrix"][1:]}, "bpb_matrix: expected 4 rows of 3 numbers"),
+    (lambda r: {**r, "bpb_matrix": [row[:2] for row in r["bpb_matrix"]]}, "bpb_matrix: expected 4 rows of 3 numbers"),
+    (lambda r: {**r, "loss_matrix": [["5"] * 3] * 4}, "loss_matrix: expected 4 rows of 3 numbers"),
+    (lambda r: {k: v for k, v in r.items() if k != "bpb_summary"}, "no bpb_summary"),
+    (lambda r: {**r, "bpb_summary": [4.5]}, "bpb_summary: expected an object, got a list"),
+    (lambda r: {**r, "bpb_summary": {**r["bpb_summary"], "final_average": "4.5"}},
+     "bpb_summary.final_average: expected a number, got a string"),
+    (lambda r: {**r, "bpb_summary": {**r["bpb_summary"], "forgetting": {"a": None}}}, "bpb_summary.forgetting"),
+    (lambda r: {**r, "bpb_summary": {**r["bpb_summary"], "intervals": {"bwt": [1]}}},
+     "bpb_summary.intervals.bwt: expected [low, high]"),
+    (lambda r: {**r, "num_experts": "384"}, "num_experts: expected a list, got a string"),
+    (lambda r: {**r, "flops_per_token": "lots"}, "flops_per_token: expected a number"),
+    (lambda r: {**r, "config": {"growth": "none"}}, "config.growth: expected an object"),
+])
+def test_report_of_results_of_the_wrong_shape(tmp_path, capsys, change, what):
+    run = rewrite_results(make_run(tmp_path / "a"), change)
+    one_line_error(["report", str(make_run(tmp_path / "ok")), str(run)], capsys,
+                   f"{run / 'results.json'} is not a lifelong results file ({what}")
+
+
+@pytest.mark.parametrize("name, content, reason", [
+    ("results.json", b'{"domains": ["a", "b", "c"], "stages": ["init", "aft', "Unterminated string"),
+    ("results.json", b"", "empty file"),
+    ("results.json", b"<html>", "Expecting value at line 1 column 1"),
+    ("results.json", b'{"domains": ["\xe9"]}', "not UTF-8 text"),
+    ("run_info.json", b'{"wall_time_s": 12.', "Expecting"),
+])
+def test_report_of_a_damaged_file_names_it(tmp_path, capsys, name, content, reason):
+    run = make_run(tmp_path / "a")
+    (run / name).write_bytes(content)
+    one_line_error(["report", str(run)], capsys, f"{run / name} is not valid JSON ({reason}")
+
+
+def test_report_of_a_run_info_of_the_wrong_shape(tmp_path, capsys):
+    run = make_run(tmp_path / "a")
+    (run / "run_info.json").write_text('{"wall_time_s": "12s"}')
+    one_line_error(["report", str(run)], capsys, f"{run / 'run_info.json'} is not a lifelong run info file")
+    (run / "run_info.json").write_text("12.34")
+    one_line_error(["report", str(run)], capsys, "run_info.json is not a lifelong run info file", "got a number")
+
+
+def test_report_checks_its_output_files_first(tmp_path, capsys):
+    run, afile = make_run(tmp_path / "a"), tmp_path / "afile"
+    afile.write_text("")
+    for option, path, what in (("--csv", tmp_path / "missing" / "t.csv", f"the folder {tmp_path / 'missing'} does "
+                                "not exist"), ("--png", afile / "m.png", f"{afile} is not a folder"),
+                               ("--csv", tmp_path, "it is a folder")):
+        one_line_error(["report", str(run), option, str(path)], capsys, f"cannot write {path}: {what}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "afile"]  # nothing written
+
+
+def test_a_failed_write_names_the_file(tmp_path):
+    rows = report.report([make_run(tmp_path / "a")])
+    with pytest.raises(ValueError, match="cannot write .*t.csv: No such file or directory"):
+        report.write_csv(rows, tmp_path / "gone" / "t.csv")
+    with pytest.raises(ValueError, match="cannot write .*m.png: No such file or directory"):
+        report.save_comparison_png([tmp_path / "a"], tmp_path / "gone" / "m.png")

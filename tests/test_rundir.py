@@ -64,3 +64,71 @@ def test_read_config_values_names_what_is_wrong(tmp_path):
     config.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="does not hold a run configuration"):
         rundir.read_config_values(tmp_path)
+
+
+def _started(path: Path, *, checkpoint: bool = False, results: bool = False) -> Path:
+    path.mkdir(parents=True)
+    (path / rundir.CONFIG_FILE).write_text("seed: 0\n")
+    (path / rundir.METRICS_FILE).write_text("name,x,value\n")
+    if checkpoint:
+        ckpt = path / rundir.CHECKPOINT_DIR / "ckpt-000000"
+        ckpt.mkdir(parents=True)
+        for name in (rundir.MODEL_FILE, rundir.STATE_FILE):
+            (ckpt / name).write_bytes(b"x")
+    if results:
+        (path / rundir.RESULTS_FILE).write_text("{}")
+    return path
+
+
+def test_checkpoint_folders_tell_complete_from_incomplete(tmp_path):
+    run = _started(tmp_path / "r", checkpoint=True)
+    (run / "checkpoints" / "ckpt-000003").mkdir()  # a folder missing both files
+    (run / "checkpoints" / "ckpt-000004").write_text("stray")
+    (run / "checkpoints" / ".tmp-abc").mkdir()  # a checkpoint being written: not a ckpt-* entry
+    complete, incomplete = rundir.checkpoint_folders(run)
+    assert [n for n, _ in complete] == [0]
+    assert [p.name for p in incomplete] == ["ckpt-000003", "ckpt-000004"]
+
+
+def test_only_a_started_run_is_refused_without_overwrite(tmp_path):
+    assert rundir.check_out_dir(tmp_path / "new", overwrite=False) == []
+    leftovers = _started(tmp_path / "killed-early")
+    assert rundir.check_out_dir(leftovers, overwrite=False) == ["config.yaml", "metrics.csv"]
+    for kind in ({"checkpoint": True}, {"results": True}):
+        run = _started(tmp_path / str(kind), **kind)
+        with pytest.raises(ConfigError, match="already holds a run"):
+            rundir.check_out_dir(run, overwrite=False)
+        assert "config.yaml" in rundir.check_out_dir(run, overwrite=True)
+    multi = tmp_path / "multi"
+    _started(multi / "seed-1", checkpoint=True)
+    assert rundir.holds_started_run(multi) and rundir.run_entries(multi) == ["seed-1"]
+
+
+def test_check_writable_names_the_blocking_path(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="file is not a directory"):
+        rundir.check_writable(tmp_path / "file" / "a" / "b")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        rundir.check_writable(tmp_path / "file")
+    rundir.check_writable(tmp_path / "new" / "deeper")  # creatable: fine, and nothing is created
+    assert not (tmp_path / "new").exists()
+
+
+def test_replace_entries_removes_only_what_it_is_given(tmp_path):
+    run = _started(tmp_path / "r", checkpoint=True)
+    (run / "notes.txt").write_text("mine")
+    (run / ".replaced-old").mkdir()  # left by a process killed while deleting
+    rundir.replace_entries(run, rundir.run_entries(run))
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+
+
+def test_write_text_atomic_clears_the_leftover_of_a_killed_write(tmp_path):
+    (tmp_path / ".results.json.x1.tmp").write_text("half")
+    rundir.write_text_atomic(tmp_path / "results.json", "{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_read_config_values_of_a_file_that_is_not_utf8(tmp_path):
+    (tmp_path / rundir.CONFIG_FILE).write_bytes(b"seed: \xff\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        rundir.read_config_values(tmp_path)

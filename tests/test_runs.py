@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+
+from toy_runs import rewrite_results
 
 from lifelong.runs import RunRecord, experience_steps, expert_layers, find_runs, load_run, load_runs
 
@@ -173,3 +177,48 @@ def test_load_runs_gives_unique_names(tmp_path):
     two = make_run(tmp_path / "y" / "run")
     seed = make_run(tmp_path / "multi" / "seed-3")
     assert [r.name for r in load_runs([one, two, seed])] == ["run", "run (2)", "multi/seed-3"]
+
+
+# ---- damaged and misshapen results.json -----------------------------------------------------------
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty file"), (b'{"domains": ["a", "b"], "stages": [', "Expecting value"),
+    (b"results", "Expecting value"), (b'{"domains": ["\xff\xfe"]}', "not UTF-8"),
+])
+def test_load_run_names_a_damaged_results_file(tmp_path, content, reason):
+    path = make_run(tmp_path / "r")
+    (path / "results.json").write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(f"{path / 'results.json'} is not valid JSON ({reason}")):
+        load_run(path)
+
+
+@pytest.mark.parametrize("change, what", [
+    (lambda r: [], "expected a JSON object, got a list"),
+    (lambda r: {}, "no domains"),
+    (lambda r: {**r, "domains": 3}, "domains: expected a non-empty list of strings"),
+    (lambda r: {k: v for k, v in r.items() if k != "stages"}, "no stages"),
+    (lambda r: {k: v for k, v in r.items() if k != "bpb_matrix"}, "no bpb_matrix"),
+    (lambda r: {**r, "bpb_matrix": r["bpb_matrix"][:2]}, "bpb_matrix: expected 3 rows of 2 numbers"),
+    (lambda r: {**r, "loss_matrix": [[5, 5], [2, "4"], [3, 1]]}, "loss_matrix: expected 3 rows of 2 numbers"),
+    (lambda r: {**r, "loss_matrix": [[5, 5, 5], [2, 4, 4], [3, 1, 1]]}, "loss_matrix: expected 3 rows of 2 numbers"),
+    (lambda r: {**r, "config": "naive"}, "config: expected an object, got a string"),
+    (lambda r: {**r, "config": {"strategy": "naive"}}, "config.strategy: expected an object, got a string"),
+    (lambda r: {**r, "domain_info": [1, 2]}, "domain_info: expected one object per domain"),
+    (lambda r: {**r, "growth_events": [{"step": "8"}]}, "growth_events: expected objects"),
+    (lambda r: {**r, "seeds": [0, 1], "runs": [0, 1]}, "runs: expected the seed directories"),
+])
+def test_load_run_refuses_results_of_the_wrong_shape(tmp_path, change, what):
+    path = rewrite_results(make_run(tmp_path / "r"), change)
+    with pytest.raises(ValueError, match=re.escape(f"{path / 'results.json'} is not a lifelong results file ({what}")):
+        load_run(path)
+
+
+def test_load_run_accepts_nan_cells_and_names_a_bad_run_info(tmp_path):
+    path = rewrite_results(make_run(tmp_path / "r"), lambda r: {**r, "bpb_matrix": [[5, float("nan")], [2, 4], [3, 1]]})
+    assert math.isnan(load_run(path).results["bpb_matrix"][0][1])  # write_json_atomic allows NaN
+    (path / "run_info.json").write_text("[1.5]")
+    with pytest.raises(ValueError, match="run_info.json is not a lifelong run info file .*got a list"):
+        load_run(path)
+    (path / "run_info.json").write_text('{"wall_time_s": 1.')
+    with pytest.raises(ValueError, match="run_info.json is not valid JSON"):
+        load_run(path)

@@ -165,6 +165,17 @@ def test_same_seed_gives_identical_blocks(tmp_path):
             assert all(torch.equal(e1.dataset[i][0], e2.dataset[i][0]) for i in range(len(e1.dataset)))
 
 
+def test_content_hashes_follow_the_token_blocks(tmp_path):
+    specs = local_domains(tmp_path, ("a", "b"))
+    first = build_stream(specs, seed=2, **SMALL).content_hashes()
+    assert len(set(first)) == 2 and first == build_stream(specs, seed=2, **SMALL).content_hashes()
+    text = Path(specs[1]["path"])
+    for f in sorted(text.rglob("*.txt"))[:1]:
+        f.write_text(f.read_text() + " changed")
+    again = build_stream(specs, seed=2, **SMALL).content_hashes()
+    assert again[0] == first[0] and again[1] != first[1]
+
+
 def test_domain_specs_and_dicts_mix(tmp_path):
     specs = local_domains(tmp_path, ("a", "b"))
     bench = build_benchmark([DomainSpec(**specs[0]), specs[1]], **SMALL)

@@ -32,9 +32,11 @@ def available_presets() -> list[str]:
 
 def _read_yaml(path: Path, what: str) -> dict:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.start})") from None
     except OSError as err:
         raise ConfigError(f"{what} {path} cannot be read: {err.strerror}") from None
     try:
