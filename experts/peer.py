@@ -90,7 +90,8 @@ class PEER(nn.Module):
     depends on its batch in train mode (docs/peer.md, 'BatchNorm caveat'). Initialisation
     matches a dense FFN of width heads*top_k in output scale (docs/peer.md, 'Initialisation').
     ``kernel`` picks the compute path (docs/kernels.md); ``dropout`` acts on the output;
-    ``usage_counter`` records routing weights in eval mode (experts.usage.track_usage). grow()
+    ``usage_counter`` records routing weights in eval mode (experts.usage.track_usage);
+    ``retrieval_hook`` hears the ids of every training forward (experts.sparse). grow()
     and the ``frozen`` buffer: docs/growth.md.
     """
 
@@ -121,6 +122,7 @@ class PEER(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("frozen", torch.zeros(n1 * n2, dtype=torch.bool))
         self.usage_counter = None  # an experts.usage.UsageCounter, fed in eval mode when set
+        self.retrieval_hook = None  # called with the ids [T, heads, top_k] of every training forward
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -207,6 +209,8 @@ class PEER(nn.Module):
             if self.usage_counter.num_experts < self.num_experts:  # the pool grew
                 self.usage_counter.grow_to(self.num_experts)
             self.usage_counter.update(weights_THK.detach(), ids_THK)
+        if self.retrieval_hook is not None and self.training:  # sparse finetuning ranks these (experts.sparse)
+            self.retrieval_hook(ids_THK)
         # M = heads * top_k slots per token; frozen experts compute as usual but get zero gradient
         T = x_TD.shape[0]
         y_TD = kernels.mix(path, x_TD, weights_THK.reshape(T, -1), ids_THK.reshape(T, -1), self.expert_u,

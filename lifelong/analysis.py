@@ -36,6 +36,23 @@ def summary_figure(summary: dict, key: str) -> float | None:
     return summary.get(key)
 
 
+def frontier_points(runs) -> list[dict]:
+    """Each run on the forgetting-plasticity plane (bits per byte): `plasticity` (mean loss on each
+    domain right after learning it; lower = learned better) and `max_forgetting` (lower = kept
+    better), each with its interval (over test blocks, or Student t over seeds for a multi-seed
+    run); None where a run lacks the figure (joint training has no forgetting)."""
+    points = []
+    for run in runs:
+        summary = run.results.get("bpb_summary") or {}
+        intervals = summary.get("intervals") or {}
+        points.append({"name": run.name, "plasticity": summary_figure(summary, "plasticity"),
+                       "plasticity_interval": intervals.get("plasticity"),
+                       "max_forgetting": summary_figure(summary, "max_forgetting"),
+                       "max_forgetting_interval": intervals.get("max_forgetting"),
+                       "seeds": len(run.results.get("seeds") or []) or 1})
+    return points
+
+
 # ---------------------------------------------------------------------------------------------
 # Stages and generations
 

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     report.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     report.add_argument("--png", metavar="FILE", help="also save the runs' bpb matrices side by side")
+    report.add_argument("--frontier", metavar="FILE",
+                        help="also save the runs on the forgetting-plasticity plane, with intervals")
     report.add_argument("--no-paired", action="store_true",
                         help="no paired differences against the first run (they need the same test blocks)")
 
@@ -167,7 +169,7 @@ def cmd_report(args) -> int:
 
     try:
         print(main_report(args.runs, markdown=args.markdown, csv_path=args.csv, png_path=args.png,
-                          pair=not args.no_paired))
+                          pair=not args.no_paired, frontier_path=args.frontier))
     except ValueError as err:  # a path that is not a finished run
         raise ConfigError(str(err)) from None
     return 0

@@ -292,6 +292,12 @@ class RunConfig:
                 raise ConfigError(f"strategy.name {self.strategy.name!r} with train.parallel 'fsdp' is not "
                                   f"supported: it keeps copies of the whole model or per-parameter state "
                                   f"(fsdp runs {', '.join(FSDP_STRATEGIES)}; use train.parallel=ddp)")
+        if self.strategy.name == "sparse":
+            if self.model.ffn != "peer":
+                raise ConfigError(f"strategy.name 'sparse' updates PEER experts, but model.ffn is {self.model.ffn!r}")
+            background = self.strategy.sparse.background
+            if background != "earlier" and self.stream.domains and background not in [d.name for d in self.stream.domains]:
+                raise ConfigError(f"strategy.sparse.background: {background!r} is not a domain of the stream")
         if self.checkpoint.every_steps and self.strategy.name == "agem":
             raise ConfigError("checkpoint.every_steps is not supported with strategy.name 'agem': its memory "
                               "sampler cannot be put back mid-experience (agem checkpoints at stages only; "

@@ -177,6 +177,35 @@ def summary_bars(runs, ax=None):
                       rotation=15, ha="right")
 
 
+def _error_bar(value: float, interval) -> list | None:
+    """matplotlib's asymmetric error of one point from its [low, high] interval (None: no bar; a
+    percentile interval can miss its point estimate, so each side is at least 0)."""
+    return None if not interval else [[max(0.0, value - interval[0])], [max(0.0, interval[1] - value)]]
+
+
+def frontier(runs, ax=None):
+    """Runs on the forgetting-plasticity plane: plasticity (x) against maximum forgetting (y), both in
+    bits per byte with their intervals as error bars; the lower left corner learns and keeps best, so
+    "less forgetting" cannot hide "learned nothing". Takes RunRecords (`analysis.frontier_points`)."""
+    ax = _new_axes(ax, 6.4, 4.6)
+    points = [p for p in analysis.frontier_points(runs) if p["plasticity"] is not None
+              and p["max_forgetting"] is not None]
+    if not points:
+        return _message(ax, "no run with both plasticity and forgetting (joint training has no forgetting)")
+    cmap = plt.get_cmap("tab10")
+    for i, p in enumerate(points):
+        x, y = p["plasticity"], p["max_forgetting"]
+        ax.errorbar([x], [y], xerr=_error_bar(x, p["plasticity_interval"]),
+                    yerr=_error_bar(y, p["max_forgetting_interval"]), fmt="o", color=cmap(i % 10), capsize=3,
+                    label=f"{p['name']} ({p['seeds']} seed{'s' if p['seeds'] > 1 else ''})")
+    ax.axhline(0, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("plasticity: loss right after learning each domain (bits/byte, lower = learned better)")
+    ax.set_ylabel("max forgetting (bits/byte, lower = kept better)")
+    ax.set_title("forgetting against plasticity (bars: 95% intervals)")
+    ax.legend(fontsize=8, loc="best")
+    return ax
+
+
 def compare_matrices(runs, key: str = "bpb_matrix", fig=None):
     """The stage x domain matrices of several runs side by side on one colour scale."""
     named = _named(runs)

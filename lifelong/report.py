@@ -282,6 +282,20 @@ def save_comparison_png(runs: Sequence[RunRecord | str | Path], path: str | Path
     return Path(path)
 
 
+def save_frontier_png(runs: Sequence[RunRecord | str | Path], path: str | Path) -> Path:
+    """The runs on the forgetting-plasticity plane (`plots.frontier`), saved as PNG."""
+    from lifelong import plots
+
+    ax = plots.frontier([_as_run(r) for r in runs])
+    try:
+        ax.figure.savefig(path, dpi=120, bbox_inches="tight")
+    except OSError as err:
+        raise _cannot_write(path, err) from None
+    finally:
+        plots.plt.close(ax.figure)
+    return Path(path)
+
+
 def _cannot_write(path: str | Path, err: OSError) -> ValueError:
     return ValueError(f"cannot write {path}: {err.strerror or err}")
 
@@ -300,14 +314,15 @@ def check_output(path: str | Path) -> None:
 
 
 def main_report(run_dirs: Sequence[str | Path], markdown: bool = False, csv_path: str | Path | None = None,
-                png_path: str | Path | None = None, pair: bool = True, samples: int = 1000) -> str:
+                png_path: str | Path | None = None, pair: bool = True, samples: int = 1000,
+                frontier_path: str | Path | None = None) -> str:
     """What `lifelong report` prints: the comparison table (Markdown if asked), the paired
     differences against the first run (unless `pair` is false), notes on runs that are not
     comparable, and the files written. ValueError names a path that is not a run directory, a
     damaged results.json, an output file that cannot be written, or runs that cannot be paired."""
     if not run_dirs:
         raise ValueError("no run directory given")
-    for path in (csv_path, png_path):  # before the bootstrap, which can take a while
+    for path in (csv_path, png_path, frontier_path):  # before the bootstrap, which can take a while
         if path is not None:
             check_output(path)
     runs = [load_run(p) for p in run_dirs]
@@ -321,4 +336,6 @@ def main_report(run_dirs: Sequence[str | Path], markdown: bool = False, csv_path
         lines.append(f"wrote {write_csv(rows, csv_path, paired_rows)}")
     if png_path is not None:
         lines.append(f"wrote {save_comparison_png(runs, png_path)}")
+    if frontier_path is not None:
+        lines.append(f"wrote {save_frontier_png(runs, frontier_path)}")
     return "\n".join(lines)

@@ -64,6 +64,10 @@ class RunSession:
         self.device = distributed.local_device(resolve_device(cfg.train.device))
         self.bench = load_benchmark(cfg)
         self.domains = self.bench.domains
+        background = cfg.strategy.sparse.background
+        if cfg.strategy.name == "sparse" and background not in ("earlier", *self.domains):
+            raise ConfigError(f"strategy.sparse.background: {background!r} is not a domain of the stream "
+                              f"({', '.join(self.domains)}) nor 'earlier'")
         self.data_hashes = self.bench.content_hashes()
         self.model = build_trainable_model(cfg, self.bench.vocab_size, self.device)
         self.sharded = distributed.active() and cfg.train.parallel == "fsdp"

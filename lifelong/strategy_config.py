@@ -90,7 +90,32 @@ class AGEMConfig:
         check_positive("strategy.agem", patterns=self.patterns, sample_size=self.sample_size)
 
 
-StrategyName = Literal["naive", "replay", "ewc", "si", "mas", "agem", "cumulative", "joint", "distill"]
+@dataclass
+class SparseConfig:
+    """Sparse memory finetuning (Lin et al. 2025) on PEER experts: from the second experience on, each
+    optimizer step updates only the top-t experts of each PEER layer by how much more the step's
+    batch retrieves them than background batches do; every other parameter stays frozen (unless
+    train.trainable says what learns)."""
+
+    top_t: int = 64
+    """Experts (u and v rows) updated per PEER layer and optimizer step (the paper: 500 of 1M slots)."""
+    ranking: Literal["tfidf", "kl"] = "tfidf"
+    """"tfidf" (retrievals in the step x log((|B| + 1) / (df + 1)), the paper's) or "kl" (each
+    expert's term of KL(step || background), the follow-ups')."""
+    background: str = "earlier"
+    """"earlier" (the retrievals recorded while training earlier experiences) or the name of a
+    domain of the stream whose train blocks are read (in eval mode) as the background."""
+    background_batches: int = 1000
+    """Batches of a named background domain read (at most); earlier experiences contribute all theirs."""
+
+    def __post_init__(self) -> None:
+        check_positive("strategy.sparse", top_t=self.top_t, background_batches=self.background_batches)
+        if not self.background:
+            raise ConfigError("strategy.sparse.background must be 'earlier' or a domain name")
+
+
+StrategyName = Literal["naive", "replay", "ewc", "si", "mas", "agem", "cumulative", "joint", "distill",
+                       "sparse"]
 STRATEGIES: tuple[str, ...] = typing.get_args(StrategyName)
 # Strategies with per-parameter importances, which do not follow a growing expert table.
 PER_PARAMETER_STRATEGIES = ("ewc", "si", "mas")
@@ -103,10 +128,11 @@ class StrategyConfig:
     """The continual-learning strategy and its settings, one nested section per strategy."""
 
     name: StrategyName = "naive"
-    """One of naive, replay, ewc, si, mas, agem, cumulative, joint (the upper bound), distill."""
+    """One of naive, replay, ewc, si, mas, agem, cumulative, joint (the upper bound), distill, sparse."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     ewc: EWCConfig = field(default_factory=EWCConfig)
     si: SIConfig = field(default_factory=SIConfig)
     mas: MASConfig = field(default_factory=MASConfig)
     agem: AGEMConfig = field(default_factory=AGEMConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)

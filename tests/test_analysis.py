@@ -71,3 +71,12 @@ def test_pca_2d_keeps_the_direction_of_largest_variance():
     xy, ratio = analysis.pca_2d(points)
     assert xy.shape == (4, 2) and ratio[0] == pytest.approx(1.0, abs=1e-4)
     assert np.ptp(xy[:, 0]) == pytest.approx(3 * math.sqrt(5), rel=1e-4)  # the points span 3 * |(1, 2, 0)|
+
+
+def test_frontier_points_read_plasticity_forgetting_and_their_intervals():
+    from lifelong.runs import RunRecord
+
+    run = RunRecord.from_data(results(bpb_summary={**summary(), "intervals": {"plasticity": [1.0, 2.0]}}), name="r")
+    (point,) = analysis.frontier_points([run])
+    assert point == {"name": "r", "plasticity": 1.5, "plasticity_interval": [1.0, 2.0], "max_forgetting": 1.0,
+                     "max_forgetting_interval": None, "seeds": 1}

@@ -129,9 +129,12 @@ def _run_cut_at(cfg, out, step, monkeypatch):
      "train.trainable=[all, 'new_experts,new_keys']", "growth.isolate=1"],
     ["growth.schedule=steps", "growth.every_steps=5", "growth.experts=16", "train.trainable=[all, new_experts, experts]",
      "growth.warmin=bound"],
+    ["strategy.name=sparse", "strategy.sparse.top_t=8", "growth.schedule=boundary", "growth.experts=16"],
+    ["strategy.name=sparse", "strategy.sparse.ranking=kl", "strategy.sparse.background=python"],
 ], ids=["accum-epochs-dropout", "replay", "si", "distill-boundary-growth-query-isolation", "cumulative-step-growth", "joint",
         "rowwise-adamw-growth-freeze", "fused-adamw-step-growth", "moe-trigger-growth",
-        "contrast-isolate-growth-new-experts-scope", "step-growth-changing-scopes"])
+        "contrast-isolate-growth-new-experts-scope", "step-growth-changing-scopes", "sparse-tfidf-growth",
+        "sparse-kl-named-background"])
 def test_resume_inside_an_experience_gives_identical_results(tmp_path, monkeypatch, overrides):
     cfg = resolve("smoke", overrides=_TINY + overrides)
     quiet = lambda *_: None  # noqa: E731

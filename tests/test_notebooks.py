@@ -77,14 +77,14 @@ def test_notebooks_are_stored_without_outputs(name):
 
 def test_forgetting_one_run_without_curves(smoke_runs, tmp_path, monkeypatch):
     text, images = outputs(execute("forgetting.ipynb", [smoke_runs["plain"]], tmp_path, monkeypatch))
-    assert images == 4  # matrices, forgetting, learning curves, transfer
+    assert images == 5  # matrices, forgetting, learning curves, transfer, the forgetting-plasticity plane
     assert "set LIFELONG_RUN=DIR1,DIR2" in text and "plain" in text
 
 
 def test_forgetting_compares_two_runs(smoke_runs, tmp_path, monkeypatch):
     nb = execute("forgetting.ipynb", [smoke_runs["grow"], smoke_runs["dense"]], tmp_path, monkeypatch)
     text, images = outputs(nb)
-    assert images == 2 * 4 + 2  # per run, then side-by-side matrices and summary bars
+    assert images == 2 * 4 + 1 + 2  # per run, the plane with both, then side-by-side matrices and summary bars
     assert "| grow |" in text and "| dense |" in text
 
 

@@ -109,3 +109,20 @@ def test_learning_curves_with_curves_but_unknown_steps_leave_stages_out():
     assert [line.get_label() for line in ax.lines if line.get_linestyle() == "-"] == ["a", "b"]
     assert not [line for line in ax.lines if line.get_marker() == "o"]
     assert "no stage evaluations" in ax.get_title() and ax.get_xlabel() == "optimizer step"
+
+
+def test_frontier_places_each_run_with_its_intervals():
+    iv = {"plasticity": [1.0, 1.2], "max_forgetting": [0.5, 0.9]}  # the first misses its point: bar from 0
+    one = RunRecord.from_data(results(bpb_summary={**summary(), "intervals": iv}), name="one")
+    seeds = RunRecord.from_data(results(bpb_summary=summary(2.0), seeds=[0, 1, 2]), name="three")
+    joint = RunRecord.from_data(results(bpb_summary={"plasticity": 1.0}), name="joint")
+    ax = plots.frontier([one, seeds, joint])
+    lines = [c for c in ax.containers]  # one errorbar container per drawable run; joint has no forgetting
+    assert len(lines) == 2
+    (x,), (y,) = lines[0].lines[0].get_data()
+    assert (x, y) == (1.5, 1.0)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["one (1 seed)", "three (3 seeds)"]
+    plt.close(ax.figure)
+    empty = plots.frontier([joint])
+    assert "no run with both" in empty.texts[0].get_text()
+    plt.close(empty.figure)

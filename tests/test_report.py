@@ -105,10 +105,12 @@ def test_comparability_notes_flag_different_data(tmp_path):
 
 def test_main_report_writes_the_requested_files(tmp_path):
     runs = [make_run(tmp_path / "a"), make_run(tmp_path / "b", content="h2")]
-    text = report.main_report(runs, markdown=True, csv_path=tmp_path / "t.csv", png_path=tmp_path / "m.png")
+    text = report.main_report(runs, markdown=True, csv_path=tmp_path / "t.csv", png_path=tmp_path / "m.png",
+                              frontier_path=tmp_path / "f.png")
     assert text.startswith("| run |") and "different text" in text
     assert f"wrote {tmp_path / 't.csv'}" in text and f"wrote {tmp_path / 'm.png'}" in text
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "t.csv").stat().st_size > 0
+    assert f"wrote {tmp_path / 'f.png'}" in text and (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     assert report.main_report(runs[:1]).startswith("run ")
 
 
@@ -275,6 +277,7 @@ def test_report_checks_its_output_files_first(tmp_path, capsys):
     afile.write_text("")
     for option, path, what in (("--csv", tmp_path / "missing" / "t.csv", f"the folder {tmp_path / 'missing'} does "
                                 "not exist"), ("--png", afile / "m.png", f"{afile} is not a folder"),
+                               ("--frontier", tmp_path / "gone" / "f.png", f"the folder {tmp_path / 'gone'} does not exist"),
                                ("--csv", tmp_path, "it is a folder")):
         one_line_error(["report", str(run), option, str(path)], capsys, f"cannot write {path}: {what}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "afile"]  # nothing written

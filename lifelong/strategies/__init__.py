@@ -18,6 +18,7 @@ from lifelong.strategy_config import STRATEGIES
 from lifelong.plugins.cl import CumulativePlugin, LMDistillPlugin, LMSynapticIntelligencePlugin
 from lifelong.plugins.guards import FiniteLossPlugin, PeriodicCheckpointPlugin
 from lifelong.plugins.schedule import GradClipPlugin, WarmupCosinePlugin
+from lifelong.plugins.sparse import SparseFinetunePlugin
 from lifelong.strategies.state import load_strategy_state, strategy_state_dict
 from lifelong.strategies.template import LMTemplate
 from lifelong.training import LMCriterion
@@ -75,6 +76,7 @@ STRATEGY_PLUGINS: dict[str, Callable[[RunConfig, Callable[[], nn.Module] | None]
     "distill": lambda cfg, make_model: [LMDistillPlugin(weight=cfg.strategy.distill.weight,
                                                         temperature=cfg.strategy.distill.temperature,
                                                         make_model=make_model)],
+    "sparse": lambda cfg, make_model: [SparseFinetunePlugin(cfg.strategy.sparse, scoped=bool(cfg.train.trainable))],
 }
 assert set(STRATEGY_PLUGINS) == set(STRATEGIES), "every configurable strategy needs its plugins"
 
