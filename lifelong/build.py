@@ -89,10 +89,24 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
+# Python objects of one transformer block, meta tensors included (measured ~20 KiB; kept generous)
+LAYER_OBJECT_BYTES = 64 * 1024
+
+
 def meta_model(cfg: RunConfig, vocab_size: int) -> LanguageModel:
-    """The configured model with shapes only (meta tensors): its sizes and FLOPs at any scale, no memory."""
-    with torch.device("meta"):
-        return build_model(cfg, vocab_size)
+    """The configured model with shapes only (meta tensors): its sizes and FLOPs at any scale, no memory.
+    Even shapes cost Python objects per layer, and torch refuses a tensor whose size overflows 64 bits:
+    both are refused with one line instead of hanging or failing inside torch."""
+    free = available_memory(torch.device("cpu"))
+    if free is not None and cfg.model.n_layers * LAYER_OBJECT_BYTES > free:
+        raise ConfigError(f"model.n_layers: {cfg.model.n_layers:,} layers cannot even be described in the "
+                          f"{free / 2**30:,.1f} GiB free")
+    try:
+        with torch.device("meta"):
+            return build_model(cfg, vocab_size)
+    except RuntimeError as err:  # e.g. "Storage size calculation overflowed"
+        raise ConfigError(f"model: too large to describe ({str(err).splitlines()[0][:120]}); "
+                          "lower model.dim or the expert counts") from None
 
 
 def check_fits(params: int, device: torch.device, what: str, hint: str) -> None:

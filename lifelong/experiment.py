@@ -32,19 +32,24 @@ def run(cfg: RunConfig, out_dir: str | Path, progress: bool | None = None, echo=
     out_dir = Path(out_dir)
     if replace is None:
         replace = rundir.check_out_dir(out_dir, overwrite=False)
+    lock = rundir.RunLock(out_dir)
 
     def start_writing() -> None:
         if before_writing is not None:
             before_writing()
         if distributed.is_main():
             out_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()  # before anything of an old run is replaced
             rundir.replace_entries(out_dir, replace)
             rundir.write_text_atomic(out_dir / rundir.CONFIG_FILE, dump_yaml(cfg))
         distributed.barrier()
 
-    session = RunSession(cfg, out_dir, progress, echo, before_writing=start_writing)
-    session.describe()
-    return _execute(session, progress, echo)
+    try:
+        session = RunSession(cfg, out_dir, progress, echo, before_writing=start_writing)
+        session.describe()
+        return _execute(session, progress, echo)
+    finally:
+        lock.release()
 
 
 def resume(run_dir: str | Path, progress: bool | None = None, echo=print, allow_changed_data: bool = False) -> dict:
@@ -67,13 +72,19 @@ def resume(run_dir: str | Path, progress: bool | None = None, echo=print, allow_
     if state.config != cfg.to_dict():
         raise checkpoint.CheckpointError(f"checkpoint {path} was written by a different configuration "
                                          f"than {run_dir / rundir.CONFIG_FILE}")
-    session = RunSession(cfg, run_dir, progress, echo, resume_from=(path, state),
-                         allow_changed_data=allow_changed_data)
-    echo(f"resuming from {path.name}: {len(session.progress.stages)} stages done "
-         f"({', '.join(session.progress.stages)})"
-         + (f", then step {state.strategy['optimizer_steps']} inside the next experience"
-            if state.position is not None else ""))
-    return _execute(session, progress, echo)
+    lock = rundir.RunLock(run_dir)
+    if distributed.is_main():
+        lock.acquire()
+    try:
+        session = RunSession(cfg, run_dir, progress, echo, resume_from=(path, state),
+                             allow_changed_data=allow_changed_data)
+        echo(f"resuming from {path.name}: {len(session.progress.stages)} stages done "
+             f"({', '.join(session.progress.stages)})"
+             + (f", then step {state.strategy['optimizer_steps']} inside the next experience"
+                if state.position is not None else ""))
+        return _execute(session, progress, echo)
+    finally:
+        lock.release()
 
 
 def _execute(session: RunSession, progress: bool | None, echo) -> dict:

@@ -325,6 +325,9 @@ def main_report(run_dirs: Sequence[str | Path], markdown: bool = False, csv_path
     for path in (csv_path, png_path, frontier_path):  # before the bootstrap, which can take a while
         if path is not None:
             check_output(path)
+            inside = [d for d in run_dirs if Path(path).resolve().is_relative_to(Path(d).resolve())]
+            if inside:  # a run's own files (results.json, a checkpoint) must never be overwritten
+                raise ValueError(f"cannot write {path}: it is inside the run directory {inside[0]} being reported")
     runs = [load_run(p) for p in run_dirs]
     rows = report(runs)
     paired_rows, notes = paired(runs, samples) if pair and len(runs) > 1 else ([], [])

@@ -142,6 +142,33 @@ def replace_entries(path: str | Path, names: list[str]) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+class RunLock:
+    """An exclusive advisory lock (flock) on a run directory while a process writes it, so a second
+    `lifelong run` or `--resume` into the same directory is refused instead of mixing its files."""
+
+    def __init__(self, path: str | Path):
+        self.path, self._fd = Path(path), None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: unlocked, as before
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"{self.path} is being written by another lifelong process; wait for it to end, "
+                              "or choose another directory") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+
 def snapshot_path(run_dir: str | Path, stage: int) -> Path:
     """The snapshot file of stage `stage` (0 = before training)."""
     return Path(run_dir) / SNAPSHOT_DIR / f"stage-{stage:02d}.safetensors"
@@ -182,6 +209,8 @@ def read_json(path: str | Path) -> Any:
         reason = "not UTF-8 text"
     except json.JSONDecodeError as err:
         reason = "empty file" if not text.strip() else f"{err.msg} at line {err.lineno} column {err.colno}"
+    except RecursionError:
+        reason = "nested too deeply"
     except OSError as err:
         reason = f"cannot read it: {err.strerror or err}"
     raise ConfigError(f"{path} is not valid JSON ({reason})")
@@ -219,7 +248,7 @@ def read_config_values(run_dir: str | Path) -> dict:
         raise ConfigError(f"{path} is not UTF-8 text (byte {err.start})") from None
     except OSError as err:
         raise ConfigError(f"{path} cannot be read: {err.strerror or err}") from None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # RecursionError: nested too deeply to parse
         raise ConfigError(f"{path} is not valid YAML") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path} does not hold a run configuration")

@@ -25,6 +25,7 @@ import torch.nn as nn
 import experts
 from experts import PEER, DenseFFN, MoE
 from lifelong.config import SCOPE_GROUPS
+from lifelong.errors import ConfigError
 
 
 def scope_of(trainable: list[str], experience: int) -> str | None:
@@ -77,10 +78,24 @@ def trainable_names(model: nn.Module, scope: str | None) -> tuple[set[str], set[
     return chosen, newest
 
 
+def check_scopes(model: nn.Module, trainable: list[str]) -> None:
+    """ConfigError for a train.trainable pattern that names no parameter of `model`, or a scope that
+    would train nothing (a run would stop at its first backward pass)."""
+    names = [name for name, _ in model.named_parameters()]
+    for scope in trainable:
+        for item in (item.strip() for item in scope.split(",") if item.strip()):
+            if item not in SCOPE_GROUPS and not any(fnmatch.fnmatchcase(name, item) for name in names):
+                raise ConfigError(f"train.trainable: {item!r} is neither a group ({', '.join(SCOPE_GROUPS)}) nor "
+                                  f"a pattern matching a parameter name (e.g. {names[0]}, {names[-1]})")
+        if not trainable_names(model, scope)[0]:
+            raise ConfigError(f"train.trainable: the scope {scope!r} trains no parameter of this model")
+
+
 class ScopeManager:
     """Applies scopes to a model and its optimizer, whose full parameter groups it remembers."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, trainable: list[str]):
+        check_scopes(model, trainable)
         self.model, self.optimizer, self.trainable = model, optimizer, list(trainable)
         self.groups = [list(group["params"]) for group in optimizer.param_groups]
         self._momentum: dict[int, float | None] = {}

@@ -111,14 +111,29 @@ def run_seeds(cfg: RunConfig, seeds: list[int], out_dir: str | Path, progress: b
     if not resuming and replace is None:
         replace = rundir.check_out_dir(out_dir, overwrite=False)
 
+    lock = rundir.RunLock(out_dir)
+
     def start() -> None:  # seeds.json first: a kill before config.yaml leaves no half multi-seed run
         if main:
             out_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
             rundir.replace_entries(out_dir, replace)
             rundir.write_json_atomic(out_dir / rundir.SEEDS_FILE, {"seeds": seeds})
             rundir.write_text_atomic(out_dir / rundir.CONFIG_FILE, dump_yaml(cfg))
         distributed.barrier()
 
+    if resuming and main:
+        lock.acquire()
+    try:
+        return _run_each(cfg, seeds, out_dir, progress, echo, resuming, start, allow_changed_data)
+    finally:
+        lock.release()
+
+
+def _run_each(cfg: RunConfig, seeds: list[int], out_dir: Path, progress, echo, resuming: bool, start,
+              allow_changed_data: bool) -> dict:
+    """The seeds' runs (read back, resumed or started), then the aggregate written in `out_dir`."""
+    main = distributed.is_main()
     per_seed = []
     for i, seed in enumerate(seeds):
         seed_dir = rundir.seed_dir(out_dir, seed)

@@ -24,7 +24,8 @@ from avalanche.training.plugins import EvaluationPlugin
 import experts
 from lifelong import checkpoint, distributed, rundir, snapshots, transfer
 from lifelong import results as results_io
-from lifelong.build import build_model, build_trainable_model, load_benchmark, resolve_device, seed_everything
+from lifelong.build import (available_memory, build_model, build_trainable_model, load_benchmark, resolve_device,
+                            seed_everything)
 from lifelong.checkpoint import Progress, RunState
 from lifelong.config import RunConfig
 from lifelong.errors import ConfigError, TrainingDiverged
@@ -69,6 +70,7 @@ class RunSession:
             raise ConfigError(f"strategy.sparse.background: {background!r} is not a domain of the stream "
                               f"({', '.join(self.domains)}) nor 'earlier'")
         self.data_hashes = self.bench.content_hashes()
+        self._check_bootstrap_memory()
         self.model = build_trainable_model(cfg, self.bench.vocab_size, self.device)
         self.sharded = distributed.active() and cfg.train.parallel == "fsdp"
         if self.sharded:  # FSDP2 before the optimizer, which must hold the sharded parameters
@@ -117,6 +119,16 @@ class RunSession:
             save_checkpoint=self.save_inside)
         if resume_from is not None:
             self._restore_counters(resume_from[1])
+
+    def _check_bootstrap_memory(self) -> None:
+        """Refuse, before training, intervals whose resampling (float64 samples x test blocks) cannot fit."""
+        blocks = sum(int(info["test_blocks"]) for info in self.bench.domain_info)
+        needed = 8 * self.cfg.eval.bootstrap_samples * max(blocks, 1)
+        free = available_memory(torch.device("cpu"))
+        if free is not None and needed > free:
+            raise ConfigError(f"eval.bootstrap_samples: {self.cfg.eval.bootstrap_samples:,} resamplings of "
+                              f"{blocks:,} test blocks need {needed / 2**30:,.1f} GiB, but {free / 2**30:,.1f} GiB "
+                              "are free")
 
     def _record_stage(self, nats: list[float], bpb: list[float], blocks: list) -> None:
         self.progress.loss_rows.append(nats)

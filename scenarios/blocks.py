@@ -315,6 +315,8 @@ def build_domain_blocks(
     path = cache_path(cache, spec.name, key) if cache is not None else None
 
     hit = read_cache(path, key) if path is not None else None
+    if hit is not None and any(len(ids) and int(ids.max()) >= tokenizer.vocab_size for ids in hit[:2]):
+        hit = None  # ids the tokenizer cannot produce: a foreign or crafted entry, rebuilt like a damaged one
     if hit is not None:
         STATS["cache_hits"] += 1
         train, test, info = hit

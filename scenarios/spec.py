@@ -14,12 +14,24 @@ import dataclasses
 import functools
 import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Union
 
 from .errors import StreamError
+
+
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 60, 60
+
+
+def _short(value) -> str:
+    """A bounded repr of a bad value for a one-line message (a YAML alias bomb must not print megabytes)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
 
 #: Names of the built-in offline domains (see :mod:`scenarios.sources.builtin`).
 BuiltinName = Literal["python", "cpp", "prose", "legal"]
@@ -62,7 +74,7 @@ def check_value(value: Any, tp: Any, where: str, error: type[Exception] = Stream
     try:
         return _check(value, tp, where, error, noun)
     except _Mismatch as m:
-        raise error(f"{where}: expected {m.expected or _type_name(tp)}, got {value!r}") from None
+        raise error(f"{where}: expected {m.expected or _type_name(tp)}, got {_short(value)}") from None
 
 
 def _check(value: Any, tp: Any, where: str, error: type[Exception], noun: str) -> Any:
@@ -87,13 +99,13 @@ def _check(value: Any, tp: Any, where: str, error: type[Exception], noun: str) -
         if type(value) not in {type(a) for a in args}:
             raise _Mismatch()
         if not any(type(value) is type(a) and value == a for a in args):
-            raise error(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+            raise error(f"{where}: {_short(value)} is not one of {', '.join(map(str, args))}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, Mapping):
-            raise error(f"{where}: expected a mapping of {tp.__name__} settings, got {value!r}")
+            raise error(f"{where}: expected a mapping of {tp.__name__} settings, got {_short(value)}")
         return load_dataclass(tp, value, where, error, noun)
     if origin is list:
         if not isinstance(value, list):
@@ -113,7 +125,7 @@ def _check(value: Any, tp: Any, where: str, error: type[Exception], noun: str) -
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and type(value) is float and not math.isfinite(value):  # a NaN threshold compares false
-        raise error(f"{where}: expected a finite number, got {value!r}")
+        raise error(f"{where}: expected a finite number, got {_short(value)}")
     if tp in (int, float, str, bool):
         if type(value) is not tp:  # exact: True is no int, 1 no str
             raise _Mismatch()
@@ -132,7 +144,7 @@ def load_dataclass(
     keys (``"config key"``). Errors of ``cls.__post_init__`` propagate unchanged."""
     at = f"{where}: " if where else ""
     if not isinstance(values, Mapping):
-        raise error(f"{at}expected a mapping of {cls.__name__} settings, got {values!r}")
+        raise error(f"{at}expected a mapping of {cls.__name__} settings, got {_short(values)}")
     fields = [f for f in dataclasses.fields(cls) if f.init]
     names = [f.name for f in fields]
     prefix = f"{where}." if where else ""

@@ -305,6 +305,22 @@ def test_corrupt_cache_entry_is_rebuilt(corpus, tmp_path):
     assert build(folder, cache_dir=cache).info["cached"] is True
 
 
+def test_a_cache_entry_with_ids_the_tokenizer_cannot_produce_is_rebuilt(corpus, tmp_path):
+    from scenarios.cache import write_cache
+
+    folder, _ = corpus
+    cache = tmp_path / "cache"
+    first = build(folder, cache_dir=cache)
+    path = cache / cache_files(cache)[0]
+    with np.load(path) as z:  # the right key and sizes, one id past the byte vocabulary
+        meta = json.loads(z["meta"].tobytes().decode("utf-8"))
+        train, test = z["train"].astype(np.int32), z["test"]
+    train[0] = 100_000
+    write_cache(path, meta["key"], train, test, meta["info"])
+    again = build(folder, cache_dir=cache)
+    assert again.info["cached"] is False and torch.equal(again.train.tokens, first.train.tokens)
+
+
 def test_cache_dir_that_is_a_file(corpus, tmp_path):
     folder, _ = corpus
     f = tmp_path / "file"

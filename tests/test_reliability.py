@@ -342,3 +342,65 @@ def test_hostile_data_folder_never_hangs(tmp_path, capsys):
     assert code == 2
     assert err[0].startswith("lifelong: warning: ") and "pipe.txt (named pipe)" in err[0]
     assert err[-1].startswith("lifelong: error: ") and "deep.jsonl line 1" in err[-1] and len(err) == 2
+
+
+# -- found by a hostile sweep -----------------------------------------------------------------------
+
+
+def test_a_run_into_a_directory_being_written_is_refused(copy, capsys):
+    from lifelong import rundir
+
+    lock = rundir.RunLock(copy)
+    lock.acquire()  # another process writing there, as far as flock can tell
+    try:
+        before = tree(copy)
+        one_line_exit_2(["run", *TINY, "--out", str(copy), "--overwrite"], capsys, "another lifelong process")
+        (copy / "results.json").unlink()
+        before = tree(copy)
+        one_line_exit_2(["run", "--resume", str(copy), "--no-progress"], capsys, "another lifelong process")
+        assert tree(copy) == before
+    finally:
+        lock.release()
+
+
+def test_report_never_writes_into_a_run_it_reads(copy, capsys):
+    before = tree(copy)
+    one_line_exit_2(["report", str(copy), "--csv", str(copy / "results.json")], capsys, "inside the run directory")
+    assert tree(copy) == before
+
+
+def test_input_nested_too_deeply_is_one_line(copy, tmp_path, capsys):
+    (tmp_path / "deep.yaml").write_text("train: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    one_line_exit_2(["flops", "--preset", "smoke", "--config", str(tmp_path / "deep.yaml")], capsys, "deep.yaml")
+    multi = _multi_seed(copy)
+    (multi / "seeds.json").write_text("[" * 100_000 + "]" * 100_000)
+    one_line_exit_2(["run", "--resume", str(multi), "--no-progress"], capsys, "seeds.json is not valid JSON")
+    (copy / "results.json").write_text("[" * 100_000 + "]" * 100_000)
+    one_line_exit_2(["report", str(copy)], capsys, "results.json is not valid JSON (nested too deeply)")
+
+
+def test_a_bad_value_is_named_in_a_bounded_line(tmp_path, capsys):
+    bomb = ["seed: [" + ", ".join(f"&a{i} [" + ", ".join(["x"] * 10 if i == 0 else [f"*a{i - 1}"] * 10) + "]"
+                                  for i in range(9)) + "]"]
+    (tmp_path / "bomb.yaml").write_text(bomb[0] + "\n")
+    last = one_line_exit_2(["flops", "--preset", "smoke", "--config", str(tmp_path / "bomb.yaml")], capsys, "seed")
+    assert len(last) < 400
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("model.dim=1000000000", "too large to describe"),
+    ("model.n_layers=1000000000", "cannot even be described"),
+])
+def test_sizes_too_large_to_describe(setting, needle, tmp_path, capsys):
+    one_line_exit_2(["flops", "--preset", "smoke", "--set", setting], capsys, needle)
+    one_line_exit_2(["run", *TINY, "--set", setting, "--out", str(tmp_path / "r")], capsys, needle)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("eval.bootstrap_samples=1000000000000", "eval.bootstrap_samples"),
+    ("train.trainable=['blocks.99.*']", "'blocks.99.*' is neither a group"),
+])
+def test_settings_that_would_fail_after_training_are_refused_before(setting, needle, tmp_path, capsys):
+    one_line_exit_2(["run", *TINY, "--set", setting, "--out", str(tmp_path / "r")], capsys, needle)
+    assert not (tmp_path / "r").exists()

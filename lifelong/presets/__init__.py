@@ -45,6 +45,8 @@ def _read_yaml(path: Path, what: str) -> dict:
         mark = getattr(err, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError(f"{what} {path} is not valid YAML{at}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path} is nested too deeply to read") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -67,8 +69,8 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.lr=3e-4")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {text!r}: cannot parse the value {raw!r}") from None
+    except (yaml.YAMLError, RecursionError):
+        raise ConfigError(f"--set {text[:80]!r}: cannot parse the value") from None
     if isinstance(value, str) and _looks_like_float(value):
         value = float(value)  # YAML 1.1 reads "3e-4" as a string
     for part in reversed(key.split(".")):
