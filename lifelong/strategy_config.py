@@ -107,9 +107,16 @@ class SparseConfig:
     domain of the stream whose train blocks are read (in eval mode) as the background."""
     background_batches: int = 1000
     """Batches of a named background domain read (at most); earlier experiences contribute all theirs."""
+    optimizer: Literal["run", "sgd"] = "run"
+    """How the selected rows learn: "run" (the run's optimizer, AdamW or row-wise AdamW) or "sgd"
+    (plain SGD as in the paper, step sgd_lr times the run's schedule; the run's optimizer then moves
+    no expert row)."""
+    sgd_lr: float = 1.0
+    """Peak SGD learning rate of the selected rows (optimizer "sgd")."""
 
     def __post_init__(self) -> None:
-        check_positive("strategy.sparse", top_t=self.top_t, background_batches=self.background_batches)
+        check_positive("strategy.sparse", top_t=self.top_t, background_batches=self.background_batches,
+                       sgd_lr=self.sgd_lr)
         if not self.background:
             raise ConfigError("strategy.sparse.background must be 'earlier' or a domain name")
 

@@ -74,16 +74,18 @@ def _step(model, optimizer, plugin, strategy, x):
     plugin.after_update(strategy)
 
 
-@pytest.mark.parametrize("optimizer_name", ["adamw", "rowwise_adamw"])
+@pytest.mark.parametrize("optimizer_name", ["adamw", "rowwise_adamw", "sgd"])
 def test_only_the_selected_experts_rows_change_in_a_sparse_step(optimizer_name):
     cfg, model, optimizer = _model()
-    if optimizer_name != "adamw":
+    if optimizer_name == "rowwise_adamw":
         cfg.train.optimizer = optimizer_name
         optimizer = build_optimizer(model, cfg)
         experts.attach(model, optimizer)
+    cfg.strategy.sparse.optimizer = "sgd" if optimizer_name == "sgd" else "run"
+    cfg.strategy.sparse.sgd_lr = 0.5
     plugin = SparseFinetunePlugin(cfg.strategy.sparse)
     strategy = SimpleNamespace(model=model, optimizer_steps=0, evaluator=SimpleNamespace(loggers=[]),
-                               experience=SimpleNamespace(current_experience=0))
+                               experience=SimpleNamespace(current_experience=0), optimizer=optimizer)
     gen = torch.Generator().manual_seed(0)
     plugin.before_training_exp(strategy)
     for _ in range(3):  # a first experience: everything learns, its retrievals become the background
@@ -110,6 +112,8 @@ def test_only_the_selected_experts_rows_change_in_a_sparse_step(optimizer_name):
         if name.endswith(("expert_u", "expert_v")) and name.startswith("blocks.1."):
             rows = (p.detach() != params[name]).any(dim=1).nonzero().reshape(-1)
             assert set(rows.tolist()) <= set(chosen.tolist()) and rows.numel() > 0, name
+            if optimizer_name == "sgd":  # plain SGD: exactly old - 0.5 x gradient on the chosen rows
+                assert torch.equal(p.detach()[chosen], params[name][chosen] - 0.5 * p.grad[chosen]), name
             for key, before in moments.get(name, {}).items():  # moments of every other row untouched
                 if before.dim() == 2:
                     others = torch.ones(64, dtype=torch.bool)

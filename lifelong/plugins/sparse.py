@@ -35,6 +35,7 @@ class SparseFinetunePlugin(SupervisedPlugin):
         self.current: dict[str, RetrievalStats] = {}  # this experience's steps (tf_N: the step in progress)
         self.sparse = False
         self._base_frozen: dict[str, torch.Tensor] = {}
+        self._chosen: dict[str, torch.Tensor] = {}
         self.last: dict[str, tuple[int, float]] = {}  # layer -> (experts selected, overlap with background top)
 
     # -- layers and their retrieval hooks ------------------------------------------------------
@@ -104,11 +105,13 @@ class SparseFinetunePlugin(SupervisedPlugin):
             keep = torch.ones_like(base)
             keep[chosen.to(base.device)] = False
             with torch.no_grad():
-                layer.frozen.copy_(base | keep)
                 for table in (layer.expert_u, layer.expert_v):  # the clip norm sees only what learns
                     if table.grad is not None:
-                        table.grad[layer.frozen] = 0
+                        table.grad[base | keep] = 0
+                # with SGD the run's optimizer moves no row: after_update steps the chosen ones
+                layer.frozen.copy_(torch.ones_like(base) if self.cfg.optimizer == "sgd" else base | keep)
             self._base_frozen[name] = base
+            self._chosen[name] = chosen
             top_bg = select_top(background.count_N.double(), self.cfg.top_t, background.count_N > 0)
             overlap = float(torch.isin(chosen, top_bg).double().mean()) if chosen.numel() else 0.0
             self.last[name] = (int(chosen.numel()), overlap)
@@ -117,14 +120,26 @@ class SparseFinetunePlugin(SupervisedPlugin):
         """Give back each layer's own frozen set; the step's retrievals join this experience's background."""
         for name, layer in self.layers.items():
             base = self._base_frozen.pop(name, None)
+            chosen = self._chosen.pop(name, None)
             if base is not None:
                 with torch.no_grad():
+                    if self.cfg.optimizer == "sgd":
+                        self._sgd_step(strategy, layer, chosen.to(base.device))
                     layer.frozen.copy_(base)
             stats = self.current[name]
             stats.add_background(stats.tf_N)
             stats.tf_N.zero_()
         if self.sparse and strategy.optimizer_steps % LOG_EVERY == 0:
             self._log(strategy)
+
+    def _sgd_step(self, strategy, layer: PEER, chosen: torch.Tensor) -> None:
+        """row -= sgd_lr x (the experts group's lr / its base lr) x gradient, on the chosen rows only
+        (the gradients clipped like every other, the schedule and rollbacks followed)."""
+        group = next(g for g in strategy.optimizer.param_groups if any(p is layer.expert_u for p in g["params"]))
+        lr = self.cfg.sgd_lr * group["lr"] / group.get("base_lr", group["lr"])
+        for table in (layer.expert_u, layer.expert_v):
+            if table.grad is not None:
+                table[chosen] -= lr * table.grad[chosen]
 
     def after_training_exp(self, strategy, **kwargs) -> None:
         for name in self.layers:
