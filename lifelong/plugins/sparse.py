@@ -52,7 +52,7 @@ class SparseFinetunePlugin(SupervisedPlugin):
         self.layers = layers
 
     def before_training_exp(self, strategy, **kwargs) -> None:
-        self._attach(strategy)  # every experience: a growth may have replaced nothing, but costs nothing
+        self._attach(strategy)  # at every experience: a growth may have resized the layers
         for name, layer in self.layers.items():
             self.background[name].grow_to(layer.num_experts)
             self.current[name].grow_to(layer.num_experts)
