@@ -13,8 +13,9 @@ import time
 import warnings
 from pathlib import Path
 
+# Nothing here imports torch at module level: the console script imports this module before
+# main() runs, and an interrupt while torch loads must end as one line too.
 from lifelong import rundir
-from lifelong.config import MAX_SEED
 from lifelong.presets import available_presets, resolve
 from lifelong.errors import CheckpointError, ConfigError, TrainingDiverged
 
@@ -91,6 +92,8 @@ def _out_dir(out: str | None, preset: str, overwrite: bool) -> tuple[Path, list[
 
 
 def _parse_seeds(text: str) -> list[int]:
+    from lifelong.config import MAX_SEED
+
     try:
         seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:

@@ -404,3 +404,17 @@ def test_sizes_too_large_to_describe(setting, needle, tmp_path, capsys):
 def test_settings_that_would_fail_after_training_are_refused_before(setting, needle, tmp_path, capsys):
     one_line_exit_2(["run", *TINY, "--set", setting, "--out", str(tmp_path / "r")], capsys, needle)
     assert not (tmp_path / "r").exists()
+
+
+def test_an_interrupt_while_torch_loads_is_one_line():
+    # the console script imports lifelong.cli before main() runs: it must not load torch itself
+    code = "import sys, lifelong.cli\nprint('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    proc = subprocess.Popen([sys.executable, "-m", "lifelong.cli", "flops", "--preset", "smoke"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # inside main, importing torch (about 3 s on this machine)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("flops finished before the interrupt")
+    assert proc.returncode == 130 and err.strip() == "lifelong: interrupted", err

@@ -6,11 +6,14 @@ default), then an optional user YAML file, then each `--set a.b=c` override, val
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from lifelong.config import RunConfig, from_dict
 from lifelong.errors import ConfigError
+
+if TYPE_CHECKING:  # the config imports torch (the model's settings): only `resolve` needs it
+    from lifelong.config import RunConfig
 
 PRESET_DIR = Path(__file__).parent
 
@@ -94,4 +97,6 @@ def resolve(preset: str | None = "builtin", config_file: str | Path | None = Non
         values = _merge(values, _read_yaml(Path(config_file), "config file"))
     for text in overrides:
         values = _merge(values, parse_override(text))
+    from lifelong.config import from_dict
+
     return from_dict(values)
