@@ -211,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():  # restores the default display when main returns
         warnings.showwarning = _one_line_warning  # a warning is one line too, without the code line
-        return _main(args)
+        try:
+            return _main(args)
+        except KeyboardInterrupt:  # while torch and the data modules load, before _main's handlers
+            print("lifelong: interrupted", file=sys.stderr)
+            return 130
 
 
 def _main(args) -> int:
