@@ -197,7 +197,6 @@ def save(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any], kee
     numbers = [n for n, _ in complete] + [int(CHECKPOINT_NAME.match(p.name).group(1)) for p in incomplete]
     number = max(numbers) + 1 if numbers else 0
     final = root / f"ckpt-{number:06d}"
-    needed = _nbytes(weights if weights is not None else model.state_dict()) + _nbytes(state)
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
@@ -214,6 +213,8 @@ def save(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any], kee
     except BaseException as err:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        # what the checkpoint needs is counted only when a write failed, not on every save
+        needed = _nbytes(weights if weights is not None else model.state_dict()) + _nbytes(state)
         if _full_disk(err, root, needed):
             raise _no_space(root, final, needed, complete[-1][1] if complete else None) from None
         raise
