@@ -19,6 +19,7 @@ import yaml
 from lifelong.errors import ConfigError, check_non_negative, check_positive
 from lifelong.model import ModelConfig
 from lifelong.strategy_config import FSDP_STRATEGIES, PER_PARAMETER_STRATEGIES, StrategyConfig
+from scenarios.pretrain import PretrainSpec
 from scenarios.spec import DomainSpec, load_dataclass
 
 # Keys of earlier versions, refused with the key that replaced them.
@@ -64,6 +65,10 @@ class StreamConfig:
     tokens); bits per byte then still divides by the raw text's bytes, which the model never saw."""
     cache_dir: str | None = "~/.cache/lifelong-experts"
     """Where tokenised blocks are cached (null disables the cache)."""
+    pretrain: PretrainSpec = field(default_factory=PretrainSpec)
+    """A pretraining phase learned first, as a domain of its own (`pretrain.name`): a `share` of every
+    domain's documents (by hash, then taken out of that domain) and any further `domains` read whole
+    (scenarios/pretrain.py). Off while share is 0 and domains is empty."""
 
     def __post_init__(self) -> None:
         check_positive("stream", block_len=self.block_len, train_tokens=self.train_tokens,
@@ -115,6 +120,10 @@ class TrainConfig:
     """Times a diverged run (NaN/Inf loss) restarts from its last checkpoint with a lower lr (0 = stop)."""
     rollback_lr_factor: float = 0.5
     """Each rollback multiplies every parameter group's learning rate by this factor."""
+    pretrain_epochs: int = 1
+    """Passes over the pretraining phase (`stream.pretrain`), in place of `epochs`."""
+    pretrain_lr: float | None = None
+    """Peak learning rate of the pretraining phase (null = `lr`); every group keeps its ratio to lr."""
     trainable: list[str] = field(default_factory=list)
     """What learns in each experience: entry i is experience i's scope (the last one repeats; [] =
     everything, always). A scope is a comma-separated list of groups (all, embeddings, attention,
@@ -123,7 +132,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_positive("train", batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
-                        lr=self.lr, expert_lr_mult=self.expert_lr_mult, eval_batch_size=self.eval_batch_size)
+                        lr=self.lr, expert_lr_mult=self.expert_lr_mult, eval_batch_size=self.eval_batch_size,
+                        pretrain_epochs=self.pretrain_epochs)
+        if self.pretrain_lr is not None:
+            check_positive("train", pretrain_lr=self.pretrain_lr)
         check_non_negative("train", rollback=self.rollback, warmup_steps=self.warmup_steps,
                            weight_decay=self.weight_decay, grad_clip=self.grad_clip)
         if not 0 < self.rollback_lr_factor < 1:
@@ -296,8 +308,12 @@ class RunConfig:
             if self.model.ffn != "peer":
                 raise ConfigError(f"strategy.name 'sparse' updates PEER experts, but model.ffn is {self.model.ffn!r}")
             background = self.strategy.sparse.background
-            if background != "earlier" and self.stream.domains and background not in [d.name for d in self.stream.domains]:
+            named = [d.name for d in self.stream.domains] + [self.stream.pretrain.name] * self.stream.pretrain.enabled
+            if background != "earlier" and self.stream.domains and background not in named:
                 raise ConfigError(f"strategy.sparse.background: {background!r} is not a domain of the stream")
+        if self.stream.pretrain.enabled and self.strategy.name == "joint":
+            raise ConfigError("stream.pretrain with strategy.name 'joint' is not supported: joint training learns "
+                              "every domain at once, so there is no phase before the others (turn one off)")
         if self.checkpoint.every_steps and self.strategy.name == "agem":
             raise ConfigError("checkpoint.every_steps is not supported with strategy.name 'agem': its memory "
                               "sampler cannot be put back mid-experience (agem checkpoints at stages only; "

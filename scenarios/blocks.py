@@ -298,21 +298,47 @@ def build_domain_blocks(
     cache_dir: Union[str, os.PathLike, None] = None,
     progress: bool = True,
     lossy_tokenizer: bool = False,
+    source: Optional[Source] = None,
 ) -> DomainBlocks:
     """Train and test blocks of one domain, from the cache when an entry with the
     same key exists. The key hashes the spec, the source's fingerprint (paths, sizes
     and mtimes of its files), the tokenizer, the separator, block_len, the budgets,
     test_fraction, the seed and the cache format (scenarios/cache.py). A tokenizer that does not give a
     document's text back (lowercasing, accent stripping, unknown tokens) is refused unless
-    ``lossy_tokenizer``; ``info["tokenizer_round_trip"]`` records which."""
+    ``lossy_tokenizer``; ``info["tokenizer_round_trip"]`` records which. ``source`` replaces the
+    spec's own source (a part of it: its fingerprint then says which)."""
     spec = DomainSpec.coerce(spec)
-    source = make_source(spec)
     train_budget, test_budget = split_budgets(train_tokens, test_tokens, test_fraction, spec.max_tokens)
-    params = dict(block_len=int(block_len), train_budget=train_budget, test_budget=test_budget,
+    return blocks_of_source(
+        source or make_source(spec), spec.to_dict(), tokenizer, block_len=block_len, train_budget=train_budget,
+        test_budget=test_budget, test_fraction=test_fraction, seed=seed, cache_dir=cache_dir, progress=progress,
+        lossy_tokenizer=lossy_tokenizer, has_filter=bool(spec.filter),
+    )
+
+
+def blocks_of_source(
+    source: Source,
+    key_spec: dict,
+    tokenizer: Tokenizer,
+    *,
+    block_len: int,
+    train_budget: int,
+    test_budget: int,
+    test_fraction: float,
+    seed: int,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    progress: bool = True,
+    lossy_tokenizer: bool = False,
+    has_filter: bool = False,
+) -> DomainBlocks:
+    """The blocks of any source (named ``source.domain``), cached under a key that hashes
+    ``key_spec`` with everything :func:`build_domain_blocks` lists."""
+    name = source.domain
+    params = dict(block_len=int(block_len), train_budget=int(train_budget), test_budget=int(test_budget),
                   test_fraction=float(test_fraction), seed=int(seed))
     cache = prepare_cache_dir(cache_dir)
-    key = cache_key(spec, source, tokenizer, SEPARATOR, **params) if cache is not None else None
-    path = cache_path(cache, spec.name, key) if cache is not None else None
+    key = cache_key(key_spec, source, tokenizer, SEPARATOR, **params) if cache is not None else None
+    path = cache_path(cache, name, key) if cache is not None else None
 
     hit = read_cache(path, key) if path is not None else None
     if hit is not None and any(len(ids) and int(ids.max()) >= tokenizer.vocab_size for ids in hit[:2]):
@@ -321,21 +347,21 @@ def build_domain_blocks(
         STATS["cache_hits"] += 1
         train, test, info = hit
         if not info["tokenizer_round_trip"] and not lossy_tokenizer:
-            raise StreamError(_lossy_message(f"domain '{spec.name}'", tokenizer, "found when its blocks were cached"))
+            raise StreamError(_lossy_message(f"domain '{name}'", tokenizer, "found when its blocks were cached"))
         info = dict(info, cached=True, cache_file=str(path))
     else:
         STATS["cache_misses"] += 1
         train, test, info = _pack(
-            source, tokenizer, block_len=int(block_len), train_budget=train_budget, test_budget=test_budget,
-            test_fraction=float(test_fraction), seed=int(seed), has_filter=bool(spec.filter), progress=progress,
-            lossy_tokenizer=lossy_tokenizer,
+            source, tokenizer, block_len=int(block_len), train_budget=int(train_budget),
+            test_budget=int(test_budget), test_fraction=float(test_fraction), seed=int(seed), has_filter=has_filter,
+            progress=progress, lossy_tokenizer=lossy_tokenizer,
         )
         if path is not None:
             try:
                 write_cache(path, key, train, test, info)
                 STATS["cache_writes"] += 1
             except OSError as e:  # the blocks are built: a full disk should not lose them
-                warnings.warn(f"domain '{spec.name}': could not write cache entry {path}: {e}", stacklevel=2)
+                warnings.warn(f"domain '{name}': could not write cache entry {path}: {e}", stacklevel=2)
         info = dict(info, cached=False, cache_file=str(path) if path is not None else None)
     return DomainBlocks(
         train=BlockDataset(_to_tensor(train), block_len),

@@ -21,9 +21,10 @@ from .tokenizer import Tokenizer
 CACHE_VERSION = 2  # 2: info records whether the tokenizer gave the text back and the test blocks' hash
 
 
-def cache_key(spec: DomainSpec, source: Source, tokenizer: Tokenizer, separator: str, **params: Any) -> str:
+def cache_key(spec: Union[DomainSpec, dict], source: Source, tokenizer: Tokenizer, separator: str,
+              **params: Any) -> str:
     """What a domain's blocks depend on, hashed: spec, source fingerprint, tokenizer, separator, settings."""
-    spec_d = spec.to_dict()
+    spec_d = spec.to_dict() if isinstance(spec, DomainSpec) else dict(spec)
     if spec_d.get("path") is not None:
         spec_d["path"] = str(Path(spec_d["path"]).expanduser().resolve())
     blob = {

@@ -11,9 +11,10 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from .blocks import BlockDataset, DomainBlocks, build_domain_blocks
+from .blocks import BlockDataset, DomainBlocks, blocks_of_source, build_domain_blocks
 from .errors import StreamError
-from .sources import seeded_order
+from .pretrain import PretrainSpec, coerce_pretrain, split_sources
+from .sources import make_source, seeded_order
 from .spec import BUILTIN_DOMAINS, DomainSpec
 from .tokenizer import Tokenizer, get_tokenizer
 
@@ -112,13 +113,16 @@ class Stream:
     ``blocks[i].test``) and ``domain_info`` record."""
 
     domains: list[str]
-    domain_specs: list[DomainSpec]
+    domain_specs: list[DomainSpec | None]
+    """None for the pretraining phase, a mixture of sources (its ``domain_info`` names them)."""
     blocks: list[DomainBlocks]
     domain_info: list[dict]
     vocab_size: int
     block_len: int
     tokenizer: Tokenizer
     experiences_per_domain: int = 1
+    pretrain: str | None = None
+    """The name of the pretraining phase's domain (always the first), or None."""
 
     def content_hashes(self) -> list[str]:
         """Each domain's SHA-256 of its train and test token ids: what a run trained and is tested on,
@@ -155,6 +159,7 @@ def build_stream(
     experiences_per_domain: int = 1,
     progress: bool = True,
     lossy_tokenizer: bool = False,
+    pretrain: Union[PretrainSpec, dict, None] = None,
 ) -> Stream:
     """Build the train and test blocks of every domain of a stream, without Avalanche.
 
@@ -174,6 +179,9 @@ def build_stream(
         progress: show tqdm bars while tokenising (only on a terminal).
         lossy_tokenizer: accept a tokenizer that does not give a document's text back
             (lowercasing, accent stripping, unknown tokens); refused by default.
+        pretrain: a pretraining phase (:class:`scenarios.pretrain.PretrainSpec` or a mapping of
+            it) that becomes the stream's first domain whatever the order; a share of each
+            domain's documents moves into it. None or an empty phase: no phase.
 
     Raises:
         StreamError: any bad input, with a one-line message naming it.
@@ -200,25 +208,30 @@ def build_stream(
     if order == "shuffle":
         by_name = {d.name: d for d in domains}
         domains = [by_name[n] for n in seeded_order(by_name, seed)]
+    phase = coerce_pretrain(pretrain)
     tok = get_tokenizer(tokenizer)
-
-    built: list[DomainBlocks] = [
-        build_domain_blocks(
-            d, tok, block_len=block_len, train_tokens=train_tokens, test_tokens=test_tokens,
-            test_fraction=float(test_fraction), seed=seed, cache_dir=cache_dir, progress=progress,
-            lossy_tokenizer=bool(lossy_tokenizer),
-        )
-        for d in domains
-    ]
-    for d, b in zip(domains, built):
+    common = dict(block_len=block_len, test_fraction=float(test_fraction), seed=seed, cache_dir=cache_dir,
+                  progress=progress, lossy_tokenizer=bool(lossy_tokenizer))
+    sources = [make_source(d) for d in domains]
+    built: list[DomainBlocks] = []
+    if phase is not None:
+        mixture, sources = split_sources(phase, domains, sources)
+        built.append(blocks_of_source(mixture, phase.key(), tok, train_budget=phase.train_tokens or train_tokens,
+                                      test_budget=test_tokens, **common))
+    built += [build_domain_blocks(d, tok, train_tokens=train_tokens, test_tokens=test_tokens, source=source, **common)
+              for d, source in zip(domains, sources)]
+    specs: list[DomainSpec | None] = ([None] if phase is not None else []) + list(domains)
+    names = ([phase.name] if phase is not None else []) + [d.name for d in domains]
+    for name, b in zip(names, built):
         if b.train.num_blocks < experiences_per_domain:
             raise StreamError(
-                f"domain '{d.name}': {b.train.num_blocks} train blocks cannot make "
+                f"domain '{name}': {b.train.num_blocks} train blocks cannot make "
                 f"{experiences_per_domain} experiences"
             )
     return Stream(
-        domains=[d.name for d in domains], domain_specs=domains, blocks=built, domain_info=[b.info for b in built],
+        domains=names, domain_specs=specs, blocks=built, domain_info=[b.info for b in built],
         vocab_size=tok.vocab_size, block_len=block_len, tokenizer=tok, experiences_per_domain=experiences_per_domain,
+        pretrain=phase.name if phase is not None else None,
     )
 
 
@@ -268,6 +281,7 @@ def build_benchmark(spec: Union[str, Sequence[Union[DomainSpec, dict]]], **strea
     bench.domain_specs = stream.domain_specs
     bench.domain_info = stream.domain_info
     bench.content_hashes = stream.content_hashes
+    bench.pretrain = stream.pretrain
     bench.vocab_size = stream.vocab_size
     bench.block_len = stream.block_len
     bench.tokenizer = stream.tokenizer

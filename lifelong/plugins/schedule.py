@@ -25,7 +25,8 @@ class WarmupCosinePlugin(SupervisedPlugin):
     `total_steps` is the stream's optimizer-step count, or a callable `strategy -> int` resolved
     at the first experience (see `lifelong.strategies.stream_steps`). Each parameter group is
     scaled from its own `base_lr` (set by `build_optimizer`; taken from its current `lr` when
-    absent), so groups keep their ratios (the expert group's `expert_lr_mult`). Warmup is capped
+    absent) times the strategy's `lr_mult` (the pretraining phase's), so groups keep their ratios
+    (the expert group's `expert_lr_mult`). Warmup is capped
     at half the schedule so a short experience still decays.
     """
 
@@ -55,7 +56,7 @@ class WarmupCosinePlugin(SupervisedPlugin):
         return warmup_cosine(self.step, total, min(self.warmup_steps, total // 2), self.min_lr_ratio)
 
     def before_update(self, strategy, **kwargs) -> None:
-        scale = self.lr_scale()
+        scale = self.lr_scale() * getattr(strategy, "lr_mult", 1.0)
         for group in strategy.optimizer.param_groups:
             group["lr"] = group["base_lr"] * scale
 

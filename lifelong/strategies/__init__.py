@@ -47,7 +47,11 @@ def stream_steps(cfg: RunConfig, experience_lengths: list[int]) -> int:
     """Optimizer steps over a whole stream whose train experiences hold these many blocks: the
     `total_steps` of a schedule with `train.rewarm=false` (`transfer.experience_steps`)."""
     t = cfg.train
-    return sum(transfer.experience_steps(cfg.strategy.name, experience_lengths, t.batch_size, t.grad_accum, t.epochs))
+    steps = transfer.experience_steps(cfg.strategy.name, experience_lengths, t.batch_size, t.grad_accum, t.epochs)
+    if cfg.stream.pretrain.enabled:  # the phase is the first experience and has epochs of its own
+        steps[0] = transfer.experience_steps(cfg.strategy.name, experience_lengths[:1], t.batch_size, t.grad_accum,
+                                             t.pretrain_epochs)[0]
+    return sum(steps)
 
 
 # ---- name -> the plugins the strategy adds (`make_model` builds a fresh model of the configured size)
@@ -108,7 +112,9 @@ def build_strategy(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Opti
     strategy = LMTemplate(model=model, optimizer=optimizer, criterion=LMCriterion(),
                           train_mb_size=t.batch_size // t.grad_accum, train_epochs=t.epochs,
                           eval_mb_size=t.eval_batch_size, device=device, plugins=plugins, evaluator=evaluator,
-                          eval_every=-1, grad_accum=t.grad_accum, precision=t.precision, joint=is_joint(cfg))
+                          eval_every=-1, grad_accum=t.grad_accum, precision=t.precision, joint=is_joint(cfg),
+                          pretrain_domain=cfg.stream.pretrain.name if cfg.stream.pretrain.enabled else None,
+                          pretrain_epochs=t.pretrain_epochs, pretrain_lr_mult=(t.pretrain_lr or t.lr) / t.lr)
     if cfg.checkpoint.every_steps and save_checkpoint is not None:
         # Last of all (after the evaluator too), so it saves once every other plugin finished the iteration.
         strategy.plugins.append(PeriodicCheckpointPlugin(cfg.checkpoint.every_steps, save_checkpoint))

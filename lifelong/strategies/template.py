@@ -23,14 +23,19 @@ class LMTemplate(SupervisedTemplate):
 
     `grad_accum` micro-batches make one optimizer step (`is_update_step`, `optimizer_steps`);
     forwards run under `autocast()`; `joint=True` trains once on the union of the experiences
-    given to `train`; `position()` / `resume_point` checkpoint and resume inside an experience;
+    given to `train`; the experience of domain `pretrain_domain` trains `pretrain_epochs` epochs
+    with every peak learning rate times `pretrain_lr_mult`; `position()` / `resume_point` checkpoint and resume inside an experience;
     under torchrun every rank trains its slice of each micro-batch through a DDP wrapper. The
     optimizer is used as built: Avalanche never resets it.
     """
 
-    def __init__(self, *, grad_accum: int = 1, precision: str = "fp32", joint: bool = False, **kwargs):
+    def __init__(self, *, grad_accum: int = 1, precision: str = "fp32", joint: bool = False,
+                 pretrain_domain: str | None = None, pretrain_epochs: int = 1, pretrain_lr_mult: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.grad_accum = grad_accum
+        self.epochs = self.train_epochs
+        self.pretrain = (pretrain_domain, pretrain_epochs, pretrain_lr_mult)
+        self.lr_mult = 1.0  # the schedule scales every group's peak by this (the pretraining phase's own lr)
         self.precision_dtype = autocast_dtype(precision, self.device)
         self.joint = joint
         self.is_update_step = False
@@ -44,6 +49,13 @@ class LMTemplate(SupervisedTemplate):
         self.epoch_micro_batches = 0
         self._epoch_data_rng: torch.Tensor | None = None
         self._data_rng: torch.Tensor | None = None
+
+    # ---- the pretraining phase: its own epochs and peak learning rate --------------------------
+    def _before_training_exp(self, **kwargs):
+        domain, epochs, lr_mult = self.pretrain
+        phase = domain is not None and getattr(self.experience, "domain", None) == domain
+        self.train_epochs, self.lr_mult = (epochs, lr_mult) if phase else (self.epochs, 1.0)
+        super()._before_training_exp(**kwargs)
 
     # ---- mixed precision -------------------------------------------------------------------
     def autocast(self):
