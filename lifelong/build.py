@@ -59,11 +59,17 @@ def load_benchmark(cfg: RunConfig):
 
 
 def build_model(cfg: RunConfig, vocab_size: int) -> LanguageModel:
-    """The configured language model; the experts' own argument checks become ConfigErrors."""
+    """The configured language model (with its LoRA adapters under strategy `lora`); the experts' own
+    argument checks become ConfigErrors."""
     try:
-        return LanguageModel(cfg.model, vocab_size=vocab_size, context=cfg.stream.block_len)
+        model = LanguageModel(cfg.model, vocab_size=vocab_size, context=cfg.stream.block_len)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
+    if cfg.strategy.name == "lora":
+        from lifelong.adapters import add_lora
+
+        add_lora(model, cfg.strategy.lora)
+    return model
 
 
 # fp32 weights plus AdamW's two moments: the least a training run holds per parameter

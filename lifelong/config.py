@@ -36,7 +36,7 @@ RENAMED_KEYS = {
 
 # The named groups of a trainable scope (train.trainable; lifelong/scopes.py).
 SCOPE_GROUPS = ("all", "embeddings", "attention", "norms", "dense", "queries", "keys", "experts", "new_experts",
-                "new_keys")
+                "new_keys", "adapters")
 
 
 @dataclass
@@ -127,7 +127,7 @@ class TrainConfig:
     trainable: list[str] = field(default_factory=list)
     """What learns in each experience: entry i is experience i's scope (the last one repeats; [] =
     everything, always). A scope is a comma-separated list of groups (all, embeddings, attention,
-    norms, dense, queries, keys, experts, new_experts, new_keys) and parameter-name patterns (`blocks.3.*`).
+    norms, dense, queries, keys, experts, new_experts, new_keys, adapters) and parameter-name patterns (`blocks.3.*`).
     The rest is frozen: out of the optimizer, bit-identical (lifelong/scopes.py)."""
 
     def __post_init__(self) -> None:

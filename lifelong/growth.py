@@ -18,7 +18,7 @@ from lifelong.strategy_config import PER_PARAMETER_STRATEGIES
 from lifelong.errors import ConfigError
 from lifelong.model import eval_mode
 from lifelong.rundir import read_run_config
-from lifelong.scopes import ScopeManager
+from lifelong.scopes import ScopeManager, trainable_of
 from lifelong.training import build_optimizer
 
 BOUNDARY_BLOCKS = 32  # blocks of a new domain run through the model to place its keys
@@ -107,7 +107,7 @@ def grow_checkpoint(path: str | Path, experts_per_layer: int, warmup_steps: int 
     check_fits(grown, torch.device("cpu"), f"grow --experts {experts_per_layer:,}", "add fewer experts")
     optimizer = build_optimizer(model, cfg)
     progress = checkpoint.Progress(**state.progress)
-    ScopeManager(model, optimizer, cfg.train.trainable).apply_saved(progress.next_experience,
+    ScopeManager(model, optimizer, trainable_of(cfg)).apply_saved(progress.next_experience,
                                                                     inside=state.position is not None)
     optimizer.load_state_dict(state.optimizer)
     # Place keys (and measure the output change) on the domain that training continues with.

@@ -2,12 +2,13 @@
 
 A scope is a comma-separated list of groups and parameter-name patterns (fnmatch):
 
-    all          every parameter            embeddings   token and position embeddings (tied head)
+    all          every parameter but adapters   embeddings   token and position embeddings (tied head)
     attention    every attention block      norms        the transformer's LayerNorms
     dense        dense FFN blocks           queries      PEER query networks and query norms
     keys         PEER sub-keys, MoE routers experts      PEER expert tables, MoE expert weights
     new_experts  the experts of each layer's newest growth only (their u, v rows)
     new_keys     the first-codebook sub-keys of each PEER layer's newest growth only
+    adapters     LoRA adapters (strategy `lora`, lifelong/adapters.py)
 
 Everything outside the scope is frozen: requires_grad off, out of the optimizer's groups (its state
 dropped: no optimizer memory), a BatchNorm whose parameters are all frozen keeps its running
@@ -24,8 +25,17 @@ import torch.nn as nn
 
 import experts
 from experts import PEER, DenseFFN, MoE
-from lifelong.config import SCOPE_GROUPS
+from lifelong.adapters import is_adapter
+from lifelong.config import SCOPE_GROUPS, RunConfig
 from lifelong.errors import ConfigError
+
+
+def trainable_of(cfg: RunConfig) -> list[str]:
+    """The run's scopes: `train.trainable`, or for the `lora` strategy the whole model but its adapters
+    in the first experience and the adapters alone after it."""
+    if not cfg.train.trainable and cfg.strategy.name == "lora":
+        return ["all", "adapters"]
+    return list(cfg.train.trainable)
 
 
 def scope_of(trainable: list[str], experience: int) -> str | None:
@@ -37,6 +47,8 @@ def scope_of(trainable: list[str], experience: int) -> str | None:
 
 def _group_of(model: nn.Module, name: str) -> str:
     """The named group a parameter of the LanguageModel belongs to."""
+    if is_adapter(name):
+        return "adapters"
     parts = name.split(".")
     if parts[0] in ("tok_emb", "pos_emb"):
         return "embeddings"
@@ -65,7 +77,7 @@ def trainable_names(model: nn.Module, scope: str | None) -> tuple[set[str], set[
     patterns = [item for item in items if item not in SCOPE_GROUPS]
     newest = groups & {"new_experts", "new_keys"}
     chosen = {name for name in names
-              if "all" in groups or _group_of(model, name) in groups
+              if ("all" in groups and not is_adapter(name)) or _group_of(model, name) in groups
               or any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)}
     if "new_experts" in newest and "experts" not in groups and "all" not in groups:
         chosen |= {name for name in names if _group_of(model, name) == "experts"}

@@ -34,7 +34,7 @@ from lifelong.metrics import DomainLossMetric, ExpertUsageMetric, TrainLossMetri
 from lifelong.plots import save_matrix_heatmap
 from lifelong.plugins import CurvePlugin, GrowthPlugin, ProgressPlugin, TrainableScopePlugin
 from lifelong.reference import curve_mean, scratch_references
-from lifelong.scopes import ScopeManager
+from lifelong.scopes import ScopeManager, trainable_of
 from lifelong.strategies import build_strategy, load_strategy_state, strategy_state_dict
 from lifelong.training import build_optimizer
 
@@ -79,7 +79,8 @@ class RunSession:
         # Warm-in of grown keys and the frozen-expert guard run as hooks on this optimizer.
         if self.model.expert_layers():
             experts.attach(self.model, self.optimizer)
-        self.scopes = ScopeManager(self.model, self.optimizer, cfg.train.trainable)
+        self.trainable = trainable_of(cfg)
+        self.scopes = ScopeManager(self.model, self.optimizer, self.trainable)
         self.progress = Progress(data_hashes=self.data_hashes)
         self.manual_growth: list[dict] = []  # growth events of `lifelong grow` on a checkpoint
         if resume_from is not None:
@@ -108,9 +109,9 @@ class RunSession:
         if cfg.growth.schedule != "none" or cfg.growth.freeze != "none":
             self.growth = GrowthPlugin(cfg.growth, self.model, echo=echo,
                                        loggers=[self.csv_logger, self.tb_logger] if self.main else [],
-                                       on_growth=self.scopes.apply if cfg.train.trainable else None)
+                                       on_growth=self.scopes.apply if self.trainable else None)
             plugins.append(self.growth)
-        if cfg.train.trainable:  # after the growth plugin: `new_experts` names what it just added
+        if self.trainable:  # after the growth plugin: `new_experts` names what it just added
             plugins.append(TrainableScopePlugin(self.scopes))
         self.strategy = build_strategy(
             cfg, self.model, self.optimizer, evaluator, self.device, plugins=plugins,

@@ -121,8 +121,36 @@ class SparseConfig:
             raise ConfigError("strategy.sparse.background must be 'earlier' or a domain name")
 
 
+# Linear layers a LoRA target group names (lifelong/adapters.py).
+LORA_TARGET_GROUPS = ("attention", "dense", "queries")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA (Hu et al. 2021) through peft: from the second experience on only low-rank adapters on
+    the transformer's linear layers learn, W x + (alpha / rank) B A x, every base weight frozen."""
+
+    rank: int = 8
+    """Rank r of each adapter."""
+    alpha: float = 16.0
+    """Scale numerator: the adapter's output is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    targets: list[str] = field(default_factory=lambda: ["attention", "dense"])
+    """Which linear layers get adapters: groups (attention: qkv and output projections; dense: the dense
+    FFN blocks' two layers; queries: PEER query networks) and module-name patterns (`blocks.0.attn.*`)."""
+
+    def __post_init__(self) -> None:
+        check_positive("strategy.lora", rank=self.rank, alpha=self.alpha)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"strategy.lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.targets or not all(t.strip() for t in self.targets):
+            raise ConfigError("strategy.lora.targets must name at least one group or layer pattern, "
+                              f"e.g. [{', '.join(LORA_TARGET_GROUPS)}]")
+
+
 StrategyName = Literal["naive", "replay", "ewc", "si", "mas", "agem", "cumulative", "joint", "distill",
-                       "sparse"]
+                       "sparse", "lora"]
 STRATEGIES: tuple[str, ...] = typing.get_args(StrategyName)
 # Strategies with per-parameter importances, which do not follow a growing expert table.
 PER_PARAMETER_STRATEGIES = ("ewc", "si", "mas")
@@ -135,7 +163,7 @@ class StrategyConfig:
     """The continual-learning strategy and its settings, one nested section per strategy."""
 
     name: StrategyName = "naive"
-    """One of naive, replay, ewc, si, mas, agem, cumulative, joint (the upper bound), distill, sparse."""
+    """One of naive, replay, ewc, si, mas, agem, cumulative, joint (the upper bound), distill, sparse, lora."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     ewc: EWCConfig = field(default_factory=EWCConfig)
     si: SIConfig = field(default_factory=SIConfig)
@@ -143,3 +171,4 @@ class StrategyConfig:
     agem: AGEMConfig = field(default_factory=AGEMConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)

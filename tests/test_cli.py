@@ -192,7 +192,7 @@ def test_resume_from_a_damaged_checkpoint(smoke_run, tmp_path, capsys, damage):
     assert after == before  # nothing in the run directory was touched
 
 
-STRATEGIES = ["naive", "replay", "ewc", "si", "mas", "agem", "cumulative", "joint", "distill", "sparse"]
+STRATEGIES = ["naive", "replay", "ewc", "si", "mas", "agem", "cumulative", "joint", "distill", "sparse", "lora"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

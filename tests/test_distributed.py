@@ -41,10 +41,11 @@ def test_shard_bounds_cover_a_batch_once_on_one_process():
     assert distributed.shard([1]) == [1] and distributed.agree_any(True) and not distributed.agree_any(False)
 
 
-@pytest.mark.parametrize("strategy", ["naive", "replay", "sparse"])
+@pytest.mark.parametrize("strategy", ["naive", "replay", "sparse", "lora"])
 def test_torchrun_matches_a_single_process_run(tmp_path, strategy):
     # replay: saving its buffer must not move rank 0's RNG (the ranks' data order would drift apart)
     # sparse: the retrieval counts are summed over ranks, so every rank updates the experts one process would
+    # lora: the DDP wrapper is rebuilt when the adapters alone start to learn
     overrides = _SMALL + [f"strategy.name={strategy}"]
     sets = [a for o in overrides for a in ("--set", o)]
     done = _torchrun("-m", "lifelong.cli", "run", "--preset", "smoke", "--out", str(tmp_path / "ddp"),

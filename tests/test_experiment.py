@@ -131,10 +131,12 @@ def _run_cut_at(cfg, out, step, monkeypatch):
      "growth.warmin=bound"],
     ["strategy.name=sparse", "strategy.sparse.top_t=8", "growth.schedule=boundary", "growth.experts=16"],
     ["strategy.name=sparse", "strategy.sparse.ranking=kl", "strategy.sparse.background=python"],
+    ["strategy.name=lora", "stream.pretrain.share=0.3", "train.pretrain_epochs=2", "train.pretrain_lr=0.004"],
+    ["strategy.name=sparse", "stream.pretrain.share=0.3", "strategy.sparse.background=general", "train.rewarm=false"],
 ], ids=["accum-epochs-dropout", "replay", "si", "distill-boundary-growth-query-isolation", "cumulative-step-growth", "joint",
         "rowwise-adamw-growth-freeze", "fused-adamw-step-growth", "moe-trigger-growth",
         "contrast-isolate-growth-new-experts-scope", "step-growth-changing-scopes", "sparse-tfidf-growth",
-        "sparse-kl-named-background"])
+        "sparse-kl-named-background", "lora-after-pretraining", "sparse-pretraining-background-one-schedule"])
 def test_resume_inside_an_experience_gives_identical_results(tmp_path, monkeypatch, overrides):
     cfg = resolve("smoke", overrides=_TINY + overrides)
     quiet = lambda *_: None  # noqa: E731

@@ -12,6 +12,7 @@ from avalanche.training.plugins import AGEMPlugin, EvaluationPlugin, ReplayPlugi
 from lifelong.config import ConfigError, from_dict
 from lifelong.strategy_config import STRATEGIES
 from lifelong.metrics import DomainLossMetric
+from lifelong.build import build_model
 from lifelong.model import LanguageModel
 from lifelong.strategies import (
     STRATEGY_PLUGINS,
@@ -72,7 +73,7 @@ class Probe(SupervisedPlugin):
 def make_run(cfg, seed=0, bench=None):
     """Model, optimizer, probe, stage rows and strategy, built as lifelong.experiment does."""
     seed_all(seed)
-    model = LanguageModel(cfg.model, vocab_size=256, context=BLOCK)
+    model = build_model(cfg, 256)  # LoRA adapters included under strategy lora
     optimizer = build_optimizer(model, cfg)
     rows = []
     domains = bench.domains if bench is not None else ["a", "b"]
@@ -272,7 +273,7 @@ def test_every_configurable_strategy_has_its_plugins():
     for name in STRATEGIES:
         plugins = STRATEGY_PLUGINS[name](tiny_cfg(name), None)
         assert all(isinstance(p, SupervisedPlugin) for p in plugins)
-        assert (plugins == []) == (name in ("naive", "joint"))
+        assert (plugins == []) == (name in ("naive", "joint", "lora"))  # lora: its scopes say what learns
 
 
 def test_distillation_of_a_moe_model_copies_its_teacher_after_training(bench):

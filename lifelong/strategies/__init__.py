@@ -81,6 +81,8 @@ STRATEGY_PLUGINS: dict[str, Callable[[RunConfig, Callable[[], nn.Module] | None]
                                                         temperature=cfg.strategy.distill.temperature,
                                                         make_model=make_model)],
     "sparse": lambda cfg, make_model: [SparseFinetunePlugin(cfg.strategy.sparse, scoped=bool(cfg.train.trainable))],
+    # the adapters are in the model from the start; the scopes of `scopes.trainable_of` say what learns
+    "lora": lambda cfg, make_model: [],
 }
 assert set(STRATEGY_PLUGINS) == set(STRATEGIES), "every configurable strategy needs its plugins"
 
