@@ -300,6 +300,10 @@ class RunConfig:
             if growing:
                 raise ConfigError("growth with train.parallel 'fsdp' is not supported: growing a sharded expert "
                                   "table needs a re-shard of the model and optimizer (use train.parallel=ddp)")
+            if self.strategy.name == "lora":
+                raise ConfigError("strategy.name 'lora' with train.parallel 'fsdp' is not supported: it switches "
+                                  "from the whole model to the adapters with trainable scopes, which change the "
+                                  "optimizer's groups that FSDP shards (use train.parallel=ddp)")
             if self.strategy.name not in FSDP_STRATEGIES:
                 raise ConfigError(f"strategy.name {self.strategy.name!r} with train.parallel 'fsdp' is not "
                                   f"supported: it keeps copies of the whole model or per-parameter state "

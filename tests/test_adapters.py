@@ -106,3 +106,8 @@ def test_add_lora_without_peft_is_one_line(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_peft)
     with pytest.raises(ConfigError, match="strategy.name 'lora' needs the peft package"):
         add_lora(build_model(tiny_cfg("naive"), 256), LoRAConfig())
+
+
+def test_lora_is_refused_under_fsdp_with_the_reason():
+    with pytest.raises(ConfigError, match="strategy.name 'lora' with train.parallel 'fsdp' is not supported"):
+        from_dict({"strategy": {"name": "lora"}, "train": {"parallel": "fsdp"}})

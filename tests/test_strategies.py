@@ -13,7 +13,6 @@ from lifelong.config import ConfigError, from_dict
 from lifelong.strategy_config import STRATEGIES
 from lifelong.metrics import DomainLossMetric
 from lifelong.build import build_model
-from lifelong.model import LanguageModel
 from lifelong.strategies import (
     STRATEGY_PLUGINS,
     build_strategy,
