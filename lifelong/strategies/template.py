@@ -23,10 +23,10 @@ class LMTemplate(SupervisedTemplate):
 
     `grad_accum` micro-batches make one optimizer step (`is_update_step`, `optimizer_steps`);
     forwards run under `autocast()`; `joint=True` trains once on the union of the experiences
-    given to `train`; the experience of domain `pretrain_domain` trains `pretrain_epochs` epochs
-    with every peak learning rate times `pretrain_lr_mult`; `position()` / `resume_point` checkpoint and resume inside an experience;
-    under torchrun every rank trains its slice of each micro-batch through a DDP wrapper. The
-    optimizer is used as built: Avalanche never resets it.
+    given to `train`; the experience of domain `pretrain_domain` trains `pretrain_epochs` epochs with
+    every peak learning rate times `pretrain_lr_mult`; `position()` / `resume_point` checkpoint and
+    resume inside an experience; under torchrun every rank trains its slice of each micro-batch
+    through a DDP wrapper. The optimizer is used as built: Avalanche never resets it.
     """
 
     def __init__(self, *, grad_accum: int = 1, precision: str = "fp32", joint: bool = False,
