@@ -21,6 +21,7 @@ from .isolation import row_contrast_loss
 from .moe import MoE, load_balancing_loss, router_z_loss
 from .peer import PEER, QueryNorm, parse_grid
 from .product_keys import ProductKeys, product_scores, product_topk, split_ids
+from .retrofit import ParallelPEER, retrofit
 from .sparse import RetrievalStats, kl_scores, select_top, tfidf_scores
 from .surgery import append_rows_
 from .usage import UsageCounter, expert_set, jaccard_overlap, kl_to_uniform, track_usage, usage_fraction
@@ -32,5 +33,5 @@ __all__ = [
     "track_usage", "jaccard_overlap", "expert_set", "usage_fraction", "kl_to_uniform",
     "attach", "detach", "attached_layers", "attached_optimizers", "freeze", "unfreeze", "frozen_ids",
     "freeze_existing", "freeze_top_used", "append_rows_", "kmeans", "row_contrast_loss", "kernels",
-    "RetrievalStats", "tfidf_scores", "kl_scores", "select_top",
+    "RetrievalStats", "tfidf_scores", "kl_scores", "select_top", "retrofit", "ParallelPEER",
 ]
