@@ -42,18 +42,22 @@ def _group_of_linear(model: nn.Module, name: str) -> str | None:
 
 def lora_targets(model: nn.Module, targets: list[str]) -> list[str]:
     """Names of the `nn.Linear` modules that `targets` (groups of LORA_TARGET_GROUPS or module-name
-    patterns) select; ConfigError for an item that selects none."""
+    patterns) select. A group the model lacks selects nothing (the default [attention, dense] fits a
+    model without dense blocks); a pattern that matches no layer, or a selection of nothing at all,
+    is a ConfigError."""
     linears = [name for name, module in model.named_modules() if type(module) is nn.Linear and name != "head"]
+    hint = f"(groups: {', '.join(LORA_TARGET_GROUPS)}; layers: {', '.join(linears[:4])} ...)"
     chosen: list[str] = []
     for item in targets:
         if item in LORA_TARGET_GROUPS:
             found = [name for name in linears if _group_of_linear(model, name) == item]
         else:
             found = [name for name in linears if fnmatch.fnmatchcase(name, item)]
-        if not found:
-            raise ConfigError(f"strategy.lora.targets: {item!r} selects no linear layer of this model "
-                              f"(groups: {', '.join(LORA_TARGET_GROUPS)}; layers: {', '.join(linears[:4])} ...)")
+            if not found:
+                raise ConfigError(f"strategy.lora.targets: {item!r} matches no linear layer of this model {hint}")
         chosen += [name for name in found if name not in chosen]
+    if not chosen:
+        raise ConfigError(f"strategy.lora.targets: {targets!r} select no linear layer of this model {hint}")
     return chosen
 
 

@@ -40,8 +40,12 @@ def test_targets_are_groups_or_layer_patterns():
     assert lora_targets(model, ["dense"]) == ["blocks.0.ffn.fc", "blocks.0.ffn.proj"]  # block 1 is PEER
     assert lora_targets(model, ["queries", "blocks.0.attn.*"]) == ["blocks.1.ffn.query", "blocks.0.attn.qkv",
                                                                    "blocks.0.attn.proj"]
-    with pytest.raises(ConfigError, match=r"strategy.lora.targets: 'blocks.9.\*' selects no linear layer"):
+    with pytest.raises(ConfigError, match=r"strategy.lora.targets: 'blocks.9.\*' matches no linear layer"):
         lora_targets(model, ["blocks.9.*"])
+    all_peer = build_model(tiny_cfg("naive", model={"ffn_layers": "all"}), 256)
+    assert lora_targets(all_peer, ["attention", "dense"]) == lora_targets(all_peer, ["attention"])  # no dense
+    with pytest.raises(ConfigError, match=r"strategy.lora.targets: \['dense'\] select no linear layer"):
+        lora_targets(all_peer, ["dense"])
     with pytest.raises(ConfigError, match="strategy.lora.rank must be > 0"):
         from_dict({"strategy": {"name": "lora", "lora": {"rank": 0}}})
     with pytest.raises(ConfigError, match="strategy.lora.targets must name"):
