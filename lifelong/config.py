@@ -127,8 +127,8 @@ class TrainConfig:
     trainable: list[str] = field(default_factory=list)
     """What learns in each experience: entry i is experience i's scope (the last one repeats; [] =
     everything, always). A scope is a comma-separated list of groups (all, embeddings, attention,
-    norms, dense, queries, keys, experts, new_experts, new_keys, adapters) and parameter-name patterns (`blocks.3.*`).
-    The rest is frozen: out of the optimizer, bit-identical (lifelong/scopes.py)."""
+    norms, dense, queries, keys, experts, new_experts, new_keys, adapters) and parameter-name patterns
+    (`blocks.3.*`). The rest is frozen: out of the optimizer, bit-identical (lifelong/scopes.py)."""
 
     def __post_init__(self) -> None:
         check_positive("train", batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
