@@ -267,6 +267,10 @@ class LanguageModel(nn.Module):
             out[f"blocks.{i}.attn"] = block.attn.flops_per_token(self.context)
             out[f"blocks.{i}.ffn ({block.ffn_kind})"] = int(block.ffn.flops_per_token())
         out["head"] = 2 * self.cfg.dim * self.vocab_size
+        # LoRA adapters (strategy lora): each weight of A and B is one multiply-add per token
+        adapters = sum(2 * p.numel() for name, p in self.named_parameters() if ".lora_" in name)
+        if adapters:
+            out["adapters (LoRA)"] = adapters
         return out
 
     def param_counts(self) -> dict[str, int]:

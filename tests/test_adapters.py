@@ -115,3 +115,10 @@ def test_add_lora_without_peft_is_one_line(monkeypatch):
 def test_lora_is_refused_under_fsdp_with_the_reason():
     with pytest.raises(ConfigError, match="strategy.name 'lora' with train.parallel 'fsdp' is not supported"):
         from_dict({"strategy": {"name": "lora"}, "train": {"parallel": "fsdp"}})
+
+
+def test_the_adapters_flops_are_counted():
+    plain, model = build_model(tiny_cfg("naive"), 256), build_model(lora_cfg(), 256)
+    adapters = sum(p.numel() for name, p in model.named_parameters() if is_adapter(name))
+    flops, base = model.flops_per_token(), plain.flops_per_token()
+    assert flops.pop("adapters (LoRA)") == 2 * adapters and flops == base
