@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from experts import PEER, DenseFFN, MoE
+from lifelong.adapters import is_adapter
 from lifelong.errors import ConfigError, check_positive
 
 Activation = Literal["gelu", "relu"]
@@ -268,7 +269,7 @@ class LanguageModel(nn.Module):
             out[f"blocks.{i}.ffn ({block.ffn_kind})"] = int(block.ffn.flops_per_token())
         out["head"] = 2 * self.cfg.dim * self.vocab_size
         # LoRA adapters (strategy lora): each weight of A and B is one multiply-add per token
-        adapters = sum(2 * p.numel() for name, p in self.named_parameters() if ".lora_" in name)
+        adapters = sum(2 * p.numel() for name, p in self.named_parameters() if is_adapter(name))
         if adapters:
             out["adapters (LoRA)"] = adapters
         return out

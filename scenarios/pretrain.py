@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from .errors import StreamError
-from .sources import Document, Source, hash_unit
+from .sources import Document, Source, hash_unit, make_source
 from .spec import DomainSpec, check_fields, load_dataclass
 
 _SALT = "pretrain"
@@ -127,8 +127,6 @@ def split_sources(pretrain: PretrainSpec, domains: list[DomainSpec], sources: li
     if clash:
         raise StreamError(f"stream.pretrain.domains: '{clash[0]}' is also a domain of the stream; a source read whole "
                           "into the phase cannot be learned again later (use pretrain.share for a part of it)")
-    from .sources import make_source
-
     parts: list[Source] = []
     rest = list(sources)
     if pretrain.share > 0:

@@ -49,8 +49,7 @@ def stream_steps(cfg: RunConfig, experience_lengths: list[int]) -> int:
     t = cfg.train
     steps = transfer.experience_steps(cfg.strategy.name, experience_lengths, t.batch_size, t.grad_accum, t.epochs)
     if cfg.stream.pretrain.enabled:  # the phase is the first experience and has epochs of its own
-        steps[0] = transfer.experience_steps(cfg.strategy.name, experience_lengths[:1], t.batch_size, t.grad_accum,
-                                             t.pretrain_epochs)[0]
+        steps[0] = transfer.steps_per_experience(experience_lengths[0], t.batch_size, t.grad_accum, t.pretrain_epochs)
     return sum(steps)
 
 
