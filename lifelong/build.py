@@ -41,7 +41,8 @@ def stream_arguments(cfg: RunConfig) -> dict:
     return dict(spec=list(s.domains) if s.domains else s.name, block_len=s.block_len,
                 train_tokens=s.train_tokens, test_tokens=s.test_tokens, test_fraction=s.test_fraction,
                 seed=cfg.seed, order=s.order, tokenizer=s.tokenizer, cache_dir=cache_dir,
-                lossy_tokenizer=s.lossy_tokenizer, pretrain=s.pretrain if s.pretrain.enabled else None)
+                lossy_tokenizer=s.lossy_tokenizer, pretrain=s.pretrain if s.pretrain.enabled else None,
+                evaluate_on=s.evaluate_on)
 
 
 def load_stream(cfg: RunConfig):

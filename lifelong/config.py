@@ -56,6 +56,10 @@ class StreamConfig:
     """Test-split token budget per domain."""
     test_fraction: float = 0.1
     """Share of each domain's documents (chosen by hash) held out for testing."""
+    evaluate_on: Literal["test", "validation"] = "test"
+    """Which held-out split the matrices measure: "test", or "validation" (the test documents are never
+    read; a `test_fraction` of the train documents, by an independent hash, stands in for them), for
+    choosing settings without touching test (scenarios/validation.py)."""
     order: Literal["given", "shuffle"] = "given"
     """Domain order: "given" or "shuffle" (by the run's seed)."""
     tokenizer: str = "byte"

@@ -17,6 +17,7 @@ from .pretrain import PretrainSpec, coerce_pretrain, split_sources
 from .sources import make_source, seeded_order
 from .spec import BUILTIN_DOMAINS, DomainSpec
 from .tokenizer import Tokenizer, get_tokenizer
+from .validation import EVALUATE_ON, TrainDocuments
 
 _BUILTIN = [DomainSpec(name, builtin=name) for name in BUILTIN_DOMAINS]
 
@@ -160,6 +161,7 @@ def build_stream(
     progress: bool = True,
     lossy_tokenizer: bool = False,
     pretrain: Union[PretrainSpec, dict, None] = None,
+    evaluate_on: str = "test",
 ) -> Stream:
     """Build the train and test blocks of every domain of a stream, without Avalanche.
 
@@ -182,6 +184,9 @@ def build_stream(
         pretrain: a pretraining phase (:class:`scenarios.pretrain.PretrainSpec` or a mapping of
             it) that becomes the stream's first domain whatever the order; a share of each
             domain's documents moves into it. None or an empty phase: no phase.
+        evaluate_on: ``"test"``, or ``"validation"``: the test documents are never read, and a
+            ``test_fraction`` of the train documents (by an independent hash) stands in for the
+            test split (scenarios/validation.py), for choosing settings without touching test.
 
     Raises:
         StreamError: any bad input, with a one-line message naming it.
@@ -197,6 +202,8 @@ def build_stream(
         raise StreamError(f"test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}")
     if order not in ORDERS:
         raise StreamError(f"unknown domain order '{order}' (valid: {', '.join(ORDERS)})")
+    if evaluate_on not in EVALUATE_ON:
+        raise StreamError(f"unknown evaluate_on '{evaluate_on}' (valid: {', '.join(EVALUATE_ON)})")
     for d in domains:
         if d.max_tokens is not None:
             train_b = d.max_tokens - round(d.max_tokens * test_fraction)
@@ -214,15 +221,23 @@ def build_stream(
                   progress=progress, lossy_tokenizer=bool(lossy_tokenizer))
     sources = [make_source(d) for d in domains]
     built: list[DomainBlocks] = []
+    held_out = (lambda s: TrainDocuments(s, test_fraction)) if evaluate_on == "validation" else (lambda s: s)
     if phase is not None:
         mixture, sources = split_sources(phase, domains, sources)
-        built.append(blocks_of_source(mixture, phase.key(), tok, train_budget=phase.train_tokens or train_tokens,
-                                      test_budget=test_tokens, **common))
+        built.append(blocks_of_source(held_out(mixture), phase.key(), tok,
+                                      train_budget=phase.train_tokens or train_tokens, test_budget=test_tokens,
+                                      **common))
+    sources = [held_out(s) for s in sources]
     built += [build_domain_blocks(d, tok, train_tokens=train_tokens, test_tokens=test_tokens, source=source, **common)
               for d, source in zip(domains, sources)]
     specs: list[DomainSpec | None] = ([None] if phase is not None else []) + list(domains)
     names = ([phase.name] if phase is not None else []) + [d.name for d in domains]
     for name, b in zip(names, built):
+        b.info["evaluated_on"] = evaluate_on
+        if evaluate_on == "validation" and b.info["split"] != "document":
+            # a positional split would take validation text from where test text may lie
+            raise StreamError(f"domain '{name}': too few documents for a validation split apart from the test "
+                              "documents; evaluate it on test, or give it more documents")
         if b.train.num_blocks < experiences_per_domain:
             raise StreamError(
                 f"domain '{name}': {b.train.num_blocks} train blocks cannot make "
