@@ -49,6 +49,10 @@ class DenseFFN(nn.Module):
             flops += self.hidden + self.dim
         return flops
 
+    def matmul_flops_per_token(self) -> int:
+        """The two matrix products only (2 * dim * hidden each)."""
+        return 4 * self.dim * self.hidden
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

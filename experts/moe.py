@@ -352,6 +352,10 @@ class MoE(nn.Module):
         expert = 4 * d * h + h + ((h + d) if self.bias else 0) + 2 * d
         return router + k * expert
 
+    def matmul_flops_per_token(self) -> int:
+        """The router's and the k chosen experts' matrix products only."""
+        return 2 * self.dim * self.num_experts + self.top_k * 4 * self.dim * self.hidden
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -354,27 +354,37 @@ class PEER(nn.Module):
     def aux_metrics(self) -> dict[str, float]:
         return {}
 
-    def flops_per_token(self) -> int:
-        """Forward FLOPs per token (multiply-add = 2, add/multiply/comparison = 1, activation = 1):
+    def flops_breakdown(self) -> dict[str, int]:
+        """Forward FLOPs per token by stage (multiply-add = 2, add/multiply/comparison = 1, activation = 1):
 
           query projection        2 * dim * H * key_dim
           query norm (approx)     5 (batch/layernorm), 4 (rmsnorm) or 0 per query feature
           sub-key scoring         2 * H * (n1 + n2) * key_dim/2, plus H * n1 offset adds
           top-k of each half      H * (n1 + n2): selection modelled as one comparison per item
-          candidates              H * k*k sums + H * k*k comparisons for the final top-k
+          candidates              H * k*k sums + H * k*k comparisons for the final top-k (the
+                                  nominal product-key search; fewer pairs are formed, see
+                                  product_keys._candidate_groups)
           score function          3 * H * k (exp, sum/add, divide; softmax or sigmoid)
-          experts                 H * k * (2*dim for u.x + 1 act + 1 weight mult + 2*dim v mix)
+          experts                 H * k * 4 * dim (u.x and the v mix)
+          expert activation       H * k * 2 (activation and the weight multiply)
         """
         n1, n2 = self.grid
         h, k, kd, d = self.heads, self.top_k, self.key_dim, self.dim
-        flops = 2 * d * h * kd
-        flops += _NORM_FLOPS[self.query_norm] * h * kd
-        flops += h * (n1 + n2) * kd + h * n1
-        flops += h * (n1 + n2)
-        flops += 2 * h * k * k
-        flops += 3 * h * k
-        flops += h * k * (4 * d + 2)
-        return flops
+        return {"query projection": 2 * d * h * kd, "query norm": _NORM_FLOPS[self.query_norm] * h * kd,
+                "sub-key scoring": h * (n1 + n2) * kd + h * n1, "top-k of each half": h * (n1 + n2),
+                "candidates and final top-k": 2 * h * k * k, "score function": 3 * h * k,
+                "experts": h * k * 4 * d, "expert activation": h * k * 2}
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token: the sum of flops_breakdown()."""
+        return sum(self.flops_breakdown().values())
+
+    def matmul_flops_per_token(self) -> int:
+        """Only the matrix products with weights (query net, sub-key scoring, experts): the count most
+        scaling studies use, 2 FLOPs per multiply-add, norms, selection and activations left out."""
+        n1, n2 = self.grid
+        return 2 * self.dim * self.heads * self.key_dim + self.heads * (n1 + n2) * self.key_dim + \
+            self.heads * self.top_k * 4 * self.dim
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

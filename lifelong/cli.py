@@ -185,12 +185,20 @@ def cmd_flops(args) -> int:
     cfg = resolve(args.preset or "builtin", args.config, args.overrides)
     vocab = get_tokenizer(cfg.stream.tokenizer).vocab_size
     model = meta_model(cfg, vocab)  # shapes only: any size is counted, nothing allocated
-    flops = model.flops_per_token()
-    width = max(len(k) for k in flops) + 2
+    flops, matmul = model.flops_per_token(), model.flops_per_token("matmul")
+    ffns = {f"blocks.{i}.ffn ({b.ffn_kind})": b.ffn for i, b in enumerate(model.blocks)}
+    parts = [p for ffn in ffns.values() for p in getattr(ffn, "flops_breakdown", dict)()]
+    width = max(len(k) for k in [*flops, *(f"  {p}" for p in parts)]) + 2
     print(f"forward FLOPs per token (multiply-add = 2), context {cfg.stream.block_len}, vocab {vocab}")
+    print(f"  {'':<{width}}{'all':>14}{'matmul only':>14}")
     for name, value in flops.items():
-        print(f"  {name:<{width}}{value:>14,}")
-    print(f"  {'total':<{width}}{sum(flops.values()):>14,}")
+        print(f"  {name:<{width}}{value:>14,}{matmul[name]:>14,}")
+        for part, n in getattr(ffns.get(name), "flops_breakdown", dict)().items():
+            print(f"    {part:<{width - 2}}{n:>14,}")
+    print(f"  {'total':<{width}}{sum(flops.values()):>14,}{sum(matmul.values()):>14,}")
+    print("  all: every operation, norms, activations and selection included (one FLOP per add, multiply, "
+          "comparison or activation); matmul only: matrix products alone, as most scaling studies count; "
+          "training = 3 x forward")
     params = model.param_counts()
     print(f"parameters: {params['total']:,} total, {params['active_per_token']:,} active per token "
           f"(FFNs: {params['ffn_total']:,} total, {params['ffn_active']:,} active)")

@@ -261,12 +261,16 @@ class LanguageModel(nn.Module):
         """Sum of the FFNs' auxiliary losses from the last forward (MoE balance and z-loss)."""
         return sum((ffn.aux_loss() for ffn in self.ffns()), torch.zeros((), device=self.head.weight.device))
 
-    def flops_per_token(self) -> dict[str, int]:
-        """Forward FLOPs per token by component (a multiply-add is 2 FLOPs)."""
+    def flops_per_token(self, convention: Literal["all", "matmul"] = "all") -> dict[str, int]:
+        """Forward FLOPs per token by component (a multiply-add is 2 FLOPs). "all" also counts what is
+        not a matrix product (norms, activations, PEER's selection and score function); "matmul" counts
+        matrix products only, the convention of most scaling studies. Attention counts its matrix
+        products in both (docs/flops.md)."""
         out = {}
         for i, block in enumerate(self.blocks):
+            ffn = block.ffn.matmul_flops_per_token() if convention == "matmul" else block.ffn.flops_per_token()
             out[f"blocks.{i}.attn"] = block.attn.flops_per_token(self.context)
-            out[f"blocks.{i}.ffn ({block.ffn_kind})"] = int(block.ffn.flops_per_token())
+            out[f"blocks.{i}.ffn ({block.ffn_kind})"] = int(ffn)
         out["head"] = 2 * self.cfg.dim * self.vocab_size
         # LoRA adapters (strategy lora): each weight of A and B is one multiply-add per token
         adapters = sum(2 * p.numel() for name, p in self.named_parameters() if is_adapter(name))

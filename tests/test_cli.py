@@ -269,3 +269,19 @@ def test_wandb_without_the_package_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     _one_line_exit_2(["run", "--preset", "smoke", "--out", str(tmp_path / "r"), "--set", "log.wandb=true"],
                      capsys, "'wandb' package is not installed")
+
+
+def test_flops_states_both_conventions_and_peer_stages(capsys):
+    from lifelong.build import meta_model
+    from lifelong.presets import resolve
+
+    assert cli.main(["flops", "--preset", "iso-peer"]) == 0
+    out = capsys.readouterr().out
+    assert "matmul only" in out and "query projection" in out and "top-k of each half" in out
+    model = meta_model(resolve("iso-peer"), 256)
+    peer = model.blocks[2].ffn
+    assert sum(peer.flops_breakdown().values()) == peer.flops_per_token()
+    assert peer.matmul_flops_per_token() < peer.flops_per_token()
+    total = sum(model.flops_per_token().values())
+    matmul = sum(model.flops_per_token("matmul").values())
+    assert f"{total:,}" in out and f"{matmul:,}" in out and matmul < total
