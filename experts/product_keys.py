@@ -7,11 +7,12 @@ retrieval'). Expert ids are flat, id = i * n2 + j, and append-only under row gro
 codebook's additive ``offset1`` lets new rows enter dormant (docs/growth.md, 'Warm-in').
 
 Shape suffixes (torchtitan style): T tokens (any leading dims), H heads, K top_k, N experts,
-D key dimension.
+D key dimension, P candidate pairs.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,25 +31,74 @@ def check_top_k(top_k: int, n1: int, n2: int) -> None:
                          f"product-key retrieval takes top_k of each codebook, so top_k <= {min(n1, n2)}")
 
 
+def topk_last(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k, dim=-1), values in descending order and differentiable as torch's.
+
+    On the CPU, float32 is selected through an order-preserving int32 view of its bits (sign bit
+    clear: as is; set: the other 31 bits flipped): torch's float comparator checks for NaN on every
+    comparison and takes about twice as long. The values and their order are the same; -0.0 ranks
+    just below +0.0 (a tie either way); NaN scores are not supported on any path.
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return x.topk(k, dim=-1)
+    bits = x.detach().contiguous().view(torch.int32)
+    idx = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).topk(k, dim=-1).indices
+    return x.gather(-1, idx), idx
+
+
+@functools.cache
+def _candidate_groups(k: int) -> tuple[tuple[int, int, int], ...]:
+    """The rank pairs (a, b) that can reach a top-k, (a + 1) * (b + 1) <= k, as runs of first ranks
+    a in [lo, hi) that share the second ranks b < m: ((lo, hi, m), ...), in (a, b) order.
+
+    With both halves sorted descending, pair (a, b) scores at most each of the (a + 1) * (b + 1)
+    pairs (a' <= a, b' <= b); when that is more than k, at least k other pairs score as much, so it
+    is never needed. About k * ln k pairs remain (50 of 256 for k = 16); the top-k is the same.
+    """
+    groups: list[tuple[int, int, int]] = []
+    for a in range(k):
+        m = k // (a + 1)
+        if groups and groups[-1][2] == m:
+            groups[-1] = (groups[-1][0], a + 1, m)
+        else:
+            groups.append((a, a + 1, m))
+    return tuple(groups)
+
+
+def _candidate_ranks(k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a [P], b [P]): the ranks of each candidate that _candidates forms, in its order."""
+    pairs = [(a, b) for lo, hi, m in _candidate_groups(k) for a in range(lo, hi) for b in range(m)]
+    return (torch.tensor([a for a, _ in pairs], device=device), torch.tensor([b for _, b in pairs], device=device))
+
+
+def _candidates(top1_THK: torch.Tensor, top2_THK: torch.Tensor) -> torch.Tensor:
+    """[..., P]: top1[a] + top2[b] for the pairs of _candidate_groups, built from slices (a gather
+    along the last dim costs more than the k * k sums it saves)."""
+    k = top1_THK.shape[-1]
+    parts = [(top1_THK[..., lo:hi, None] + top2_THK[..., None, :m]).flatten(-2) for lo, hi, m in _candidate_groups(k)]
+    return torch.cat(parts, dim=-1)
+
+
 def product_topk(scores1_THa: torch.Tensor, scores2_THb: torch.Tensor, k: int):
     """Exact top-k of scores1[..., i] + scores2[..., j] over all n1 * n2 pairs (i, j).
 
     scores1 [..., n1], scores2 [..., n2] (same leading shape) -> (scores [..., k] in descending
     order, flat ids [..., k] int64 with id = i * n2 + j). Gradients flow to both inputs through
-    the returned scores; the ids are piecewise constant.
+    the returned scores; the ids are piecewise constant. Of the k * k candidate sums of the two
+    halves' top-k only the pairs that can reach the top-k are formed (_candidate_groups).
     """
     if scores1_THa.shape[:-1] != scores2_THb.shape[:-1]:
         raise ValueError(f"scores1 and scores2 must share leading dims, got {tuple(scores1_THa.shape)} "
                          f"and {tuple(scores2_THb.shape)}")
     n1, n2 = scores1_THa.shape[-1], scores2_THb.shape[-1]
     check_top_k(k, n1, n2)
-    top1_THK, idx1_THK = scores1_THa.topk(k, dim=-1)
-    top2_THK, idx2_THK = scores2_THb.topk(k, dim=-1)
-    # candidate c = a * k + b is the pair (idx1[a], idx2[b])
-    cand_THKK = (top1_THK.unsqueeze(-1) + top2_THK.unsqueeze(-2)).flatten(-2)
-    scores_THK, c_THK = cand_THKK.topk(k, dim=-1)
-    i_THK = idx1_THK.gather(-1, torch.div(c_THK, k, rounding_mode="floor"))
-    j_THK = idx2_THK.gather(-1, c_THK % k)
+    top1_THK, idx1_THK = topk_last(scores1_THa, k)  # sorted descending
+    top2_THK, idx2_THK = topk_last(scores2_THb, k)
+    a_P, b_P = _candidate_ranks(k, top1_THK.device)
+    scores_THK, c_THK = topk_last(_candidates(top1_THK, top2_THK), k)
+    c_S = c_THK.reshape(-1)  # index_select: several times faster than advanced indexing on the CPU
+    i_THK = idx1_THK.gather(-1, a_P.index_select(0, c_S).view_as(c_THK))
+    j_THK = idx2_THK.gather(-1, b_P.index_select(0, c_S).view_as(c_THK))
     return scores_THK, i_THK * n2 + j_THK
 
 

@@ -101,3 +101,26 @@ def test_forward_path_never_materialises_all_scores(monkeypatch):
     keys = ProductKeys(heads=2, n1=64, n2=64, key_dim=8)
     scores, ids = keys.topk(torch.randn(5, 2, 8), 4)
     assert ids.shape == (5, 2, 4) and int(ids.max()) < 64 * 64
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 16, 33])
+def test_candidate_pairs_are_those_that_can_reach_the_top_k(k):
+    pairs = [(a, b) for lo, hi, m in pk._candidate_groups(k) for a in range(lo, hi) for b in range(m)]
+    assert pairs == [(a, b) for a in range(k) for b in range(k) if (a + 1) * (b + 1) <= k]
+    a_P, b_P = pk._candidate_ranks(k, "cpu")
+    assert list(zip(a_P.tolist(), b_P.tolist())) == pairs
+    top1, top2 = torch.randn(4, k).sort(-1, descending=True).values, torch.randn(4, k).sort(-1, descending=True).values
+    assert torch.equal(pk._candidates(top1, top2), top1[:, a_P] + top2[:, b_P])
+
+
+def test_ties_and_dormant_rows_keep_the_exact_top_k_scores():
+    g = torch.Generator().manual_seed(0)
+    s1 = torch.randint(0, 3, (50, 2, 12), generator=g).float()  # many ties
+    s2 = torch.randint(0, 3, (50, 2, 12), generator=g).float()
+    s1[..., -4:] = float("-inf")  # dormant rows, as after growth
+    for k in (1, 4, 8, 12):
+        scores, ids = product_topk(s1, s2, k)
+        assert torch.equal(scores, product_scores(s1, s2).topk(k, dim=-1).values)
+        i, j = split_ids(ids, 12)
+        assert torch.equal(scores, s1.gather(-1, i) + s2.gather(-1, j))
+        assert all(len(set(row)) == k for row in ids.reshape(-1, k).tolist())  # k distinct experts

@@ -2,12 +2,15 @@
 
 y_t = sum_m w_tm act(u_{e_tm} . x_t) v_{e_tm} (He 2024, section 2, eq. (1) with singleton-MLP
 experts) and its backward as four sparse-times-dense products, done by torch's embedding-bag
-kernels row by row without the gathered [T, M, D] tensors; two are private aten operators.
+kernels (and, for the expert rows' gradients on the CPU, a CSR matrix product) without the gathered
+[T, M, D] tensors; two are private aten operators.
 bf16 / fp16 tables are computed in float32. Derivation and numerics: docs/kernels.md, 'The bag
 path'.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,7 @@ class _Bags:
         self.offsets_T = torch.arange(0, T * M, M, device=dev)
         self.bag_S = torch.arange(T, device=dev).repeat_interleave(M)
         self.size_T = torch.full((T,), M, dtype=torch.int64, device=dev)
+        self._sorted = None  # _by_expert's sort, made on first use
 
     def gather_dot(self, table_ND: torch.Tensor, x_TD: torch.Tensor) -> torch.Tensor:
         """[T, M]: table[ids[t, m]] . x[t]."""
@@ -40,10 +44,30 @@ class _Bags:
         return F.embedding_bag(self.ids_S, table_ND, self.offsets_T, mode="sum", per_sample_weights=c_TM.reshape(-1))
 
     def scatter_rows(self, rows_TD: torch.Tensor, c_TM: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """[N, D]: row e = sum over slots (t, m) with ids[t, m] == e of c[t, m] rows[t]."""
-        return torch.ops.aten._embedding_bag_dense_backward(
-            rows_TD, self.ids_S, self.bag_S, self.size_T, self.size_T, num_rows, False, _SUM,
-            c_TM.reshape(-1), -1)
+        """[N, D]: row e = sum over slots (t, m) with ids[t, m] == e of c[t, m] rows[t].
+
+        On the CPU a sparse [N, T] CSR matrix of the coefficients times rows: the slots are sorted by
+        expert once per _Bags and shared by every call (the u and v gradients), where the embedding-bag
+        backward sorts them again each time and costs about twice as much."""
+        if rows_TD.device.type != "cpu":
+            return torch.ops.aten._embedding_bag_dense_backward(
+                rows_TD, self.ids_S, self.bag_S, self.size_T, self.size_T, num_rows, False, _SUM,
+                c_TM.reshape(-1), -1)
+        order_S, crow_R, token_S = self._by_expert(num_rows)
+        coef_S = c_TM.reshape(-1).index_select(0, order_S).to(rows_TD.dtype)
+        with warnings.catch_warnings():  # torch's once-per-process "sparse CSR is in beta" notice
+            warnings.simplefilter("ignore")
+            coef_NT = torch.sparse_csr_tensor(crow_R, token_S, coef_S, size=(num_rows, self.T), check_invariants=False)
+        return coef_NT @ rows_TD
+
+    def _by_expert(self, num_rows: int):
+        """(slot order sorted by expert [S], CSR row pointers [N + 1], token of each sorted slot [S])."""
+        if self._sorted is None or self._sorted[1].shape[0] != num_rows + 1:
+            order_S = torch.argsort(self.ids_S)
+            crow_R = torch.zeros(num_rows + 1, dtype=torch.int64, device=self.ids_S.device)
+            torch.cumsum(torch.bincount(self.ids_S, minlength=num_rows), 0, out=crow_R[1:])
+            self._sorted = (order_S, crow_R, self.bag_S.index_select(0, order_S))
+        return self._sorted
 
 
 def _compute_dtype(table: torch.Tensor) -> torch.dtype:

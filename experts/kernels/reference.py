@@ -1,6 +1,6 @@
 """The plain torch PEER implementation every kernel is checked and timed against.
 
-einsum sub-key scores, torch.topk on each half and then on the k*k candidates
+einsum sub-key scores, torch.topk on each half and then on the candidate sums
 (product_keys.product_topk), two F.embedding gathers of the retrieved experts' u and v, and einsum
 mixing: PEER's equations as written (docs/kernels.md, 'The reference path'). It materialises the
 gathered [T, M, D] tensors and, in backward, dense [N, D] gradients.
