@@ -1,5 +1,10 @@
 """Training throughput of the matched-compute presets: iso-dense, iso-moe, iso-peer.
 
+It prints each preset's tokens/s and training FLOP/s (3 x forward FLOPs per token, `lifelong flops`'
+count, x tokens/s), and both as ratios to iso-dense. The presets match the compute of a whole run
+(FLOPs per token x train tokens), so a preset that costs less per token trains on more tokens; the
+FLOP/s ratio is then how much sooner or later it spends the same budget.
+
     python benchmarks/train_step.py                              # CPU, the presets as they are
     python benchmarks/train_step.py --device cuda --steps 20
     python benchmarks/train_step.py --device cuda --set model.peer.num_experts=1048576 --json train.json
@@ -26,7 +31,8 @@ Run one preset and optimizer alone to read one model's peak, e.g. a 1024^2-exper
 
     python benchmarks/train_step.py --presets iso-peer --optimizers adamw --steps 2 --warmup 1 \
         --set model.dim=512 --set model.n_heads=8 --set model.peer.num_experts=1048576 \
-        --set model.peer.key_dim=256
+        --set model.peer.key_dim=256 --set model.peer.heads=8 --set model.peer.top_k=16 \
+        --set model.ffn_layers=middle
 
 "loss" is the training loss on the trainer's fixed batch at its first and last step: it falls when
 the model trains.
@@ -80,6 +86,7 @@ class Trainer:
         self.x = torch.randint(vocab, shape, device=device)
         self.y = torch.randint(vocab, shape, device=device)
         self.tokens = self.x.numel()
+        self.flops_per_token = sum(self.model.flops_per_token().values())  # forward, lifelong flops' count
         self.times: list[float] = []  # whole training steps
         self.step_times: list[float] = []  # optimizer.step() alone
         self.last_step_time = 0.0
@@ -119,6 +126,8 @@ class Trainer:
                        + sum(tensor_bytes(v) for v in state))
         return {"preset": self.name, "optimizer": self.optimizer_name, "tokens_per_step": self.tokens,
                 "ms_per_step": median * 1e3, "tokens_per_s": self.tokens / median,
+                "flops_per_token": self.flops_per_token,
+                "train_flops_per_s": 3 * self.flops_per_token * self.tokens / median,
                 "optimizer_ms": statistics.median(self.step_times) * 1e3,
                 "params": sum(p.numel() for p in self.model.parameters()),
                 "num_experts": self.model.num_experts(), "peer_experts": sum(m.num_experts for m in peer),
@@ -180,20 +189,22 @@ def main(argv=None) -> int:
     results = [t.summary() for t in trainers]
     by_key = {(r["preset"], r["optimizer"]): r for r in results}
     print(f"{'preset':>10} {'optimizer':>9} {'params':>10} {'experts':>8} {'ms/step':>9} {'opt ms':>8} "
-          f"{'tokens/s':>10} {'vs iso-dense':>12} {'state GiB':>9} {'loss':>13}")
+          f"{'tokens/s':>10} {'vs iso-dense':>12} {'GFLOP/s':>8} {'vs iso-dense':>12} {'state GiB':>9} {'loss':>13}")
+    dense = by_key.get(("iso-dense", "adamw"))
     for r in results:
-        dense = by_key.get(("iso-dense", "adamw"))
         ratio = r["tokens_per_s"] / dense["tokens_per_s"] if dense else float("nan")
-        r["ratio_to_iso_dense"] = ratio
+        flops_ratio = r["train_flops_per_s"] / dense["train_flops_per_s"] if dense else float("nan")
+        r["ratio_to_iso_dense"], r["flops_ratio_to_iso_dense"] = ratio, flops_ratio
         print(f"{r['preset']:>10} {r['optimizer']:>9} {r['params']:>10} {r['num_experts']:>8} "
               f"{r['ms_per_step']:9.1f} {r['optimizer_ms']:8.1f} {r['tokens_per_s']:10.0f} {ratio:12.2f} "
+              f"{r['train_flops_per_s'] / 1e9:8.2f} {flops_ratio:12.2f} "
               f"{r['state_gib']:9.2f} {r['loss_first']:6.3f}>{r['loss_last']:6.3f}")
-    peer, dense = by_key.get(("iso-peer", "adamw")), by_key.get(("iso-dense", "adamw"))
-    if peer and dense:
-        line = f"# peer/dense tokens/s: {peer['tokens_per_s'] / dense['tokens_per_s']:.2f} (adamw)"
-        if ("iso-peer", "rowwise") in by_key:
-            line += f", {by_key[('iso-peer', 'rowwise')]['tokens_per_s'] / dense['tokens_per_s']:.2f} (rowwise)"
-        print(line)
+    if dense:
+        for preset in ("iso-moe", "iso-peer"):
+            for opt in OPTIMIZERS:
+                if (r := by_key.get((preset, opt))) is not None:
+                    print(f"# {preset}/iso-dense ({opt}): tokens/s {r['ratio_to_iso_dense']:.2f}, training FLOP/s "
+                          f"{r['flops_ratio_to_iso_dense']:.2f} (the presets match compute per run, not per token)")
     what, peak = peak_memory_gib(device)
     info["peak_memory"], info["peak_memory_gib"] = what, peak
     print(f"# peak memory of the process, all trainers together ({what}): "

@@ -69,15 +69,18 @@ def test_aux_loss_is_zero_without_moe_and_positive_with_it():
     assert float(moe.aux_loss()) > 0.0
 
 
-def test_iso_presets_match_compute_within_10_percent():
+@pytest.mark.parametrize("suffix", ["", "-gpu"])
+def test_iso_presets_match_training_compute_within_10_percent(suffix):
+    """Each iso preset trains on its share of one compute budget: FLOPs per token x train tokens."""
+    from lifelong.build import meta_model
     from lifelong.presets import resolve
 
     totals = {}
-    for preset in ("iso-dense", "iso-moe", "iso-peer"):
-        cfg = resolve(preset)
-        model = LanguageModel(cfg.model, vocab_size=256, context=cfg.stream.block_len)
-        totals[preset] = sum(model.flops_per_token().values())
-        assert {"iso-dense": DenseFFN, "iso-moe": MoE, "iso-peer": PEER}[preset] in {type(f) for f in model.ffns()}
+    for arm, kind in (("dense", DenseFFN), ("moe", MoE), ("peer", PEER)):
+        cfg = resolve(f"iso-{arm}{suffix}")
+        model = meta_model(cfg, 256)
+        totals[arm] = 3 * sum(model.flops_per_token().values()) * cfg.stream.train_tokens
+        assert kind in {type(f) for f in model.ffns()} and cfg.strategy.name == "joint"
     assert max(totals.values()) <= 1.1 * min(totals.values()), totals
 
 
