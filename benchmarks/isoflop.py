@@ -106,6 +106,15 @@ def flops_by_part(overrides: list[str]) -> dict[str, int]:
 MIN_ACTIVE = 32
 
 
+class Refused(Exception):
+    """Bad input or a state the stage cannot go on from: one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like `lifelong`
+        self.exit(2, f"isoflop: error: {message}\n")
+
+
 class Unmatched(ValueError):
     """The FLOP match leaves PEER fewer than MIN_ACTIVE active neurons."""
 
@@ -171,7 +180,7 @@ def run_once(cfg, out: Path) -> dict:
 
     done = out / "results.json"
     if done.exists() and rundir.read_run_config(out) != cfg:
-        raise SystemExit(f"isoflop: {out} holds a run of other settings; remove it or choose another --out")
+        raise Refused(f"{out} holds a run of other settings; remove it or choose another --out")
     if not done.exists():
         experiment.run(cfg, out, progress=False, echo=lambda *a, **k: None, replace=rundir.check_out_dir(out, True))
     results = json.loads(done.read_text())
@@ -233,7 +242,7 @@ def sweep(args) -> None:
     if not args.untuned:
         path = args.out / "tuned.json"
         if not path.exists():
-            raise SystemExit(f"isoflop: {path} not found; run the tune stage first, or pass --untuned")
+            raise Refused(f"{path} not found; run the tune stage first, or pass --untuned")
         settings.update({arm: b["settings"] for arm, b in json.loads(path.read_text())["best"].items()})
     rows = []
     for budget, width in args.budgets:
@@ -345,7 +354,7 @@ def presets(args) -> None:
             try:
                 text = preset_yaml(arm, tuned["best"][arm]["settings"], target)
             except Unmatched as err:
-                raise SystemExit(f"isoflop: {arm}'s tuned settings cannot match dense FLOPs at width {target[2]}: {err}")
+                raise Refused(f"{arm}'s tuned settings at width {target[2]}: {err}") from None
             path.write_text(text)
             print(f"wrote {path}")
 
@@ -361,7 +370,7 @@ def parse_budgets(text: str) -> list[tuple[float, int]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=("tune", "sweep", "presets"))
     parser.add_argument("--write", type=Path, default=Path(__file__).resolve().parents[1] / "lifelong" / "presets",
                         help="presets: the folder the iso-* presets are written to")
@@ -385,10 +394,14 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--seeds must be integers separated by commas, got {args.seeds!r}")
     args.out.mkdir(parents=True, exist_ok=True)
+    from lifelong.errors import ConfigError
+    from scenarios import StreamError
+
     try:
         {"tune": tune, "sweep": sweep, "presets": presets}[args.stage](args)
-    except Unmatched as err:
-        raise SystemExit(f"isoflop: {err}") from None
+    except (Refused, Unmatched, ConfigError, StreamError) as err:
+        sys.stderr.write(f"isoflop: {err}\n")
+        return 2
     return 0
 
 

@@ -65,9 +65,19 @@ def test_tune_then_sweep_write_tables_and_figure(tmp_path, capsys):
     assert json.loads((out / "sweep.json").read_text())["runs"] == json.loads(before)["runs"]
 
 
-def test_sweep_without_tuning_says_what_to_do(tmp_path):
-    with pytest.raises(SystemExit, match="run the tune stage first"):
-        isoflop.main(["sweep", "--out", str(tmp_path), *TINY])
+@pytest.mark.parametrize("argv, says", [
+    (["sweep"], "run the tune stage first"),
+    (["sweep", "--budgets", "1e12"], "budgets must look like"),
+    (["tune", "--set", "model.dim=-3"], "model.dim"),
+    (["tune", "--arms", "mlp"], "--arms: choose from"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, says):
+    try:
+        code = isoflop.main([*argv, "--out", str(tmp_path)])
+    except SystemExit as stop:  # argparse's own errors
+        code = stop.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and says in err and err.startswith("isoflop: ")
 
 
 def test_presets_repeat_the_sweep_cell_and_scale_to_the_gpu(tmp_path):
