@@ -264,16 +264,18 @@ def sweep(args) -> None:
 
 
 #: The presets' targets: (suffix, training FLOPs, width, layers, extra keys). The CPU one is the sweep's
-#: largest budget; the GPU one keeps the ratios (key_dim and the side of the expert grid scale with
-#: width) at 4x the width, twice the layers and about 40x the compute, within what the builtin stream
-#: holds (prose, its smallest domain, has about 790k train tokens).
+#: largest budget. The GPU one keeps the ratios (key_dim and the side of the expert grid scale with
+#: width) at 4x the width and twice the layers, on a hub stream (the builtin one holds too little text
+#: for a model that size: its smallest domain has about 790k train tokens), at the compute that about
+#: fills the hub domains' 4.5M train tokens each.
 PRESET_TARGETS = (
     ("", 6.4e12, 128, 4, []),
-    ("-gpu", 2.5e14, 512, 8, ["model.n_heads=8", "train.batch_size=32"]),
+    ("-gpu", 1e15, 512, 8, ["stream.name=hub-wiki-code-science", "model.n_heads=8", "train.batch_size=32"]),
 )
 #: One comment per key the presets set: type, default, meaning.
 KEY_NOTES = {
     "seed": "int, default 0",
+    "stream.name": "str, default builtin: needs the network (and the datasets package)",
     "stream.train_tokens": "int, default 300000: per domain; the arm's share of the compute budget",
     "stream.evaluate_on": "str, default test",
     "model.dim": "int, default 128",
@@ -329,7 +331,7 @@ def preset_yaml(arm: str, s: dict, target: tuple) -> str:
             node = node.setdefault(part, {})
         node[leaf] = (value, KEY_NOTES.get(path, ""))
     lines = [f"# {arm} at matched training compute ({budget:.2g} FLOPs = 3 x {flops:,} forward FLOPs per token x",
-             f"# {tokens:,} train tokens x {len(resolve_domains('builtin'))} domains), the settings the validation "
+             f"# {tokens:,} train tokens x {len(resolve_domains(cfg.stream.name))} domains), the settings the validation "
              "search chose (benchmarks/isoflop.py;",
              "# README, 'PEER at matched compute'). Written by `python benchmarks/isoflop.py presets`.",
              "# Keys not listed keep the defaults shown in builtin.yaml.", ""]
@@ -341,7 +343,7 @@ def preset_yaml(arm: str, s: dict, target: tuple) -> str:
                 emit(value, depth + 1)
             else:
                 text = "  " * depth + f"{name}: {value[0]}"
-                lines.append(f"{text:<29}# {value[1]}" if value[1] else text)
+                lines.append(f"{text:<28} # {value[1]}" if value[1] else text)
     emit(tree, 0)
     return "\n".join(lines) + "\n"
 
