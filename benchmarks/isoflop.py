@@ -251,7 +251,7 @@ def sweep(args) -> None:
                 cfg, flops, tokens = run_config(arm, settings[arm], budget, width, seed, "test", args.strategy,
                                                 args.overrides)
                 m = measure(run_once(cfg, args.out / "sweep" / f"{budget:.3g}" / f"{arm}-seed{seed}"), flops)
-                rows.append({"budget": budget, "width": width, "arm": arm, "seed": seed, **m})
+                rows.append({"budget": budget, "width": cfg.model.dim, "arm": arm, "seed": seed, **m})
                 print(f"sweep {budget:.3g} {arm} seed {seed}: test bpb {m['bpb']:.4f} ({m['train_tokens']:,} tokens, "
                       f"{m['wall_s']:.0f} s)", flush=True)
     table = summarise(rows, [b for b, _ in args.budgets], args.arms)

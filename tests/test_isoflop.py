@@ -59,7 +59,7 @@ def test_tune_then_sweep_write_tables_and_figure(tmp_path, capsys):
     peer = next(r for r in sweep["table"] if r["arm"] == "peer")
     assert peer["interval"][0] <= peer["bpb"] <= peer["interval"][1] and "vs_dense_interval" in peer
     assert (out / "sweep.png").stat().st_size > 0 and all(r["wall_s"] > 0 for r in sweep["runs"])
-    assert "| training FLOPs | arm |" in (out / "sweep.md").read_text()
+    assert "| training FLOPs | arm | width | train tokens |" in (out / "sweep.md").read_text()
     before = (out / "sweep.json").read_text()
     assert isoflop.main(["sweep", "--seeds", "0,1", *common]) == 0  # finished runs are read back
     assert json.loads((out / "sweep.json").read_text())["runs"] == json.loads(before)["runs"]
