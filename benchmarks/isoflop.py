@@ -96,10 +96,15 @@ def width_of(base: int, mult: float) -> int:
     return max(16, int(round(base * mult / 4)) * 4)
 
 
+def meta_of(overrides: list[str]):
+    """(RunConfig, the model with shapes only) of the builtin preset with ``overrides``."""
+    cfg = resolve("builtin", overrides=overrides)
+    return cfg, meta_model(cfg, get_tokenizer(cfg.stream.tokenizer).vocab_size)
+
+
 def flops_by_part(overrides: list[str]) -> dict[str, int]:
     """Forward FLOPs per token of each part of the configured model (``lifelong flops``)."""
-    cfg = resolve("builtin", overrides=overrides)
-    return meta_model(cfg, get_tokenizer(cfg.stream.tokenizer).vocab_size).flops_per_token()
+    return meta_of(overrides)[1].flops_per_token()
 
 
 #: Fewest active PEER neurons (heads x top_k) worth a trial: below it retrieval eats the budget.
@@ -131,13 +136,12 @@ def model_overrides(arm: str, s: dict, width: int, extra: list[str] = ()) -> lis
         mult = max(1, 4 // s["top_k"])
         return common + [f"model.moe.num_experts={s['num_experts']}", f"model.moe.top_k={s['top_k']}",
                          f"model.moe.hidden_mult={mult}"]
-    dense = flops_by_part([*common[:2], "model.n_heads=4", "model.ffn=dense", *extra])
+    dense = flops_by_part([*common[:2], "model.ffn=dense", *extra])
     target = sum(dense.values())
     side = math.isqrt(s["num_experts"])
     peer = [f"model.peer.num_experts={s['num_experts']}", f"model.peer.heads={s['heads']}",
             f"model.peer.key_dim={s['key_dim']}", f"model.peer.query_norm={s['query_norm']}"]
-    cfg = resolve("builtin", overrides=[*common, *peer, "model.peer.top_k=1", *extra])
-    model = meta_model(cfg, get_tokenizer(cfg.stream.tokenizer).vocab_size)
+    _, model = meta_of([*common, *peer, "model.peer.top_k=1", *extra])
     layers = [b.ffn for b in model.blocks if b.ffn_kind == "peer"]
     rest = sum(model.flops_per_token().values()) - sum(layer.flops_per_token() for layer in layers)
     best = None
@@ -160,8 +164,8 @@ def run_config(arm: str, s: dict, budget: float, base_width: int, seed: int, spl
     """(RunConfig, forward FLOPs per token, train tokens per domain) of one run at a compute budget."""
     width = width_of(base_width, s["width_mult"])
     model = model_overrides(arm, s, width, extra)
-    flops = sum(flops_by_part(model + extra).values())
-    cfg = resolve("builtin", overrides=model + extra)
+    cfg, meta = meta_of(model + extra)
+    flops = sum(meta.flops_per_token().values())
     domains = len(cfg.stream.domains) or len(resolve_domains(cfg.stream.name))
     block = cfg.stream.block_len
     tokens = max(block, int(budget / (3 * flops * domains)) // block * block)
@@ -331,8 +335,8 @@ def preset_yaml(arm: str, s: dict, target: tuple) -> str:
             node = node.setdefault(part, {})
         node[leaf] = (value, KEY_NOTES.get(path, ""))
     lines = [f"# {arm} at matched training compute ({budget:.2g} FLOPs = 3 x {flops:,} forward FLOPs per token x",
-             f"# {tokens:,} train tokens x {len(resolve_domains(cfg.stream.name))} domains), the settings the validation "
-             "search chose (benchmarks/isoflop.py;",
+             f"# {tokens:,} train tokens x {len(resolve_domains(cfg.stream.name))} domains), the settings the "
+             "validation search chose (benchmarks/isoflop.py;",
              "# README, 'PEER at matched compute'). Written by `python benchmarks/isoflop.py presets`.",
              "# Keys not listed keep the defaults shown in builtin.yaml.", ""]
 

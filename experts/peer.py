@@ -27,6 +27,9 @@ from .surgery import append_rows_, check_resizable_state, resize_rows_
 QUERY_NORMS = ("batchnorm", "layernorm", "rmsnorm", "none")
 SCORES = ("softmax", "sigmoid")
 
+#: The stages of PEER.flops_breakdown that are matrix products with weights.
+MATMUL_STAGES = ("query projection", "sub-key scoring", "experts")
+
 # rough FLOPs per query feature (mean, variance, subtract, scale, shift; RMSNorm: no mean/shift): tiny
 _NORM_FLOPS = {"batchnorm": 5, "layernorm": 5, "rmsnorm": 4, "none": 0}
 
@@ -359,7 +362,8 @@ class PEER(nn.Module):
 
           query projection        2 * dim * H * key_dim
           query norm (approx)     5 (batch/layernorm), 4 (rmsnorm) or 0 per query feature
-          sub-key scoring         2 * H * (n1 + n2) * key_dim/2, plus H * n1 offset adds
+          sub-key scoring         2 * H * (n1 + n2) * key_dim/2
+          sub-key offsets         H * n1 adds (offset1)
           top-k of each half      H * (n1 + n2): selection modelled as one comparison per item
           candidates              H * k*k sums + H * k*k comparisons for the final top-k (the
                                   nominal product-key search; fewer pairs are formed, see
@@ -371,7 +375,7 @@ class PEER(nn.Module):
         n1, n2 = self.grid
         h, k, kd, d = self.heads, self.top_k, self.key_dim, self.dim
         return {"query projection": 2 * d * h * kd, "query norm": _NORM_FLOPS[self.query_norm] * h * kd,
-                "sub-key scoring": h * (n1 + n2) * kd + h * n1, "top-k of each half": h * (n1 + n2),
+                "sub-key scoring": h * (n1 + n2) * kd, "sub-key offsets": h * n1, "top-k of each half": h * (n1 + n2),
                 "candidates and final top-k": 2 * h * k * k, "score function": 3 * h * k,
                 "experts": h * k * 4 * d, "expert activation": h * k * 2}
 
@@ -380,11 +384,9 @@ class PEER(nn.Module):
         return sum(self.flops_breakdown().values())
 
     def matmul_flops_per_token(self) -> int:
-        """Only the matrix products with weights (query net, sub-key scoring, experts): the count most
+        """Only the matrix products with weights (MATMUL_STAGES of flops_breakdown): the count most
         scaling studies use, 2 FLOPs per multiply-add, norms, selection and activations left out."""
-        n1, n2 = self.grid
-        return 2 * self.dim * self.heads * self.key_dim + self.heads * (n1 + n2) * self.key_dim + \
-            self.heads * self.top_k * 4 * self.dim
+        return sum(n for stage, n in self.flops_breakdown().items() if stage in MATMUL_STAGES)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -65,10 +65,11 @@ def _candidate_groups(k: int) -> tuple[tuple[int, int, int], ...]:
     return tuple(groups)
 
 
-def _candidate_ranks(k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a [P], b [P]): the ranks of each candidate that _candidates forms, in its order."""
+@functools.cache
+def _candidate_ranks(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a [P], b [P]) on the CPU: the ranks of each candidate that _candidates forms, in its order."""
     pairs = [(a, b) for lo, hi, m in _candidate_groups(k) for a in range(lo, hi) for b in range(m)]
-    return (torch.tensor([a for a, _ in pairs], device=device), torch.tensor([b for _, b in pairs], device=device))
+    return torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
 
 
 def _candidates(top1_THK: torch.Tensor, top2_THK: torch.Tensor) -> torch.Tensor:
@@ -94,7 +95,7 @@ def product_topk(scores1_THa: torch.Tensor, scores2_THb: torch.Tensor, k: int):
     check_top_k(k, n1, n2)
     top1_THK, idx1_THK = topk_last(scores1_THa, k)  # sorted descending
     top2_THK, idx2_THK = topk_last(scores2_THb, k)
-    a_P, b_P = _candidate_ranks(k, top1_THK.device)
+    a_P, b_P = (r.to(top1_THK.device) for r in _candidate_ranks(k))
     scores_THK, c_THK = topk_last(_candidates(top1_THK, top2_THK), k)
     c_S = c_THK.reshape(-1)  # index_select: several times faster than advanced indexing on the CPU
     i_THK = idx1_THK.gather(-1, a_P.index_select(0, c_S).view_as(c_THK))

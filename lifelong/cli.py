@@ -186,14 +186,14 @@ def cmd_flops(args) -> int:
     vocab = get_tokenizer(cfg.stream.tokenizer).vocab_size
     model = meta_model(cfg, vocab)  # shapes only: any size is counted, nothing allocated
     flops, matmul = model.flops_per_token(), model.flops_per_token("matmul")
-    ffns = {f"blocks.{i}.ffn ({b.ffn_kind})": b.ffn for i, b in enumerate(model.blocks)}
-    parts = [p for ffn in ffns.values() for p in getattr(ffn, "flops_breakdown", dict)()]
-    width = max(len(k) for k in [*flops, *(f"  {p}" for p in parts)]) + 2
+    stages = {f"blocks.{i}.ffn ({b.ffn_kind})": getattr(b.ffn, "flops_breakdown", dict)()
+              for i, b in enumerate(model.blocks)}  # PEER's stages, printed under its layer
+    width = max(len(k) for k in [*flops, *(f"  {p}" for parts in stages.values() for p in parts)]) + 2
     print(f"forward FLOPs per token (multiply-add = 2), context {cfg.stream.block_len}, vocab {vocab}")
     print(f"  {'':<{width}}{'all':>14}{'matmul only':>14}")
     for name, value in flops.items():
         print(f"  {name:<{width}}{value:>14,}{matmul[name]:>14,}")
-        for part, n in getattr(ffns.get(name), "flops_breakdown", dict)().items():
+        for part, n in stages.get(name, {}).items():
             print(f"    {part:<{width - 2}}{n:>14,}")
     print(f"  {'total':<{width}}{sum(flops.values()):>14,}{sum(matmul.values()):>14,}")
     print("  all: every operation, norms, activations and selection included (one FLOP per add, multiply, "

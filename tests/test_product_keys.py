@@ -107,7 +107,7 @@ def test_forward_path_never_materialises_all_scores(monkeypatch):
 def test_candidate_pairs_are_those_that_can_reach_the_top_k(k):
     pairs = [(a, b) for lo, hi, m in pk._candidate_groups(k) for a in range(lo, hi) for b in range(m)]
     assert pairs == [(a, b) for a in range(k) for b in range(k) if (a + 1) * (b + 1) <= k]
-    a_P, b_P = pk._candidate_ranks(k, "cpu")
+    a_P, b_P = pk._candidate_ranks(k)
     assert list(zip(a_P.tolist(), b_P.tolist())) == pairs
     top1, top2 = torch.randn(4, k).sort(-1, descending=True).values, torch.randn(4, k).sort(-1, descending=True).values
     assert torch.equal(pk._candidates(top1, top2), top1[:, a_P] + top2[:, b_P])
