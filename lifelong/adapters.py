@@ -11,6 +11,7 @@ strategy trains everything but the adapters in its first experience and only the
 from __future__ import annotations
 
 import fnmatch
+import warnings
 
 import torch.nn as nn
 
@@ -27,7 +28,16 @@ def is_adapter(name: str) -> bool:
     return ADAPTER_MARK in name
 
 
+def _is_pretrained(model: nn.Module) -> bool:
+    from lifelong.pretrained import PretrainedLM  # here: lifelong.model imports this module
+
+    return isinstance(model, PretrainedLM)
+
+
 def _group_of_linear(model: nn.Module, name: str) -> str | None:
+    if _is_pretrained(model):
+        kind, part = model.parameter_owner(name + ".weight")
+        return kind if kind in ("attention", "dense") else "queries" if (kind, part) == ("peer", "query") else None
     parts = name.split(".")
     if len(parts) == 4 and parts[0] == "blocks" and parts[2] == "attn":
         return "attention"
@@ -45,7 +55,10 @@ def lora_targets(model: nn.Module, targets: list[str]) -> list[str]:
     patterns) select. A group the model lacks selects nothing (the default [attention, dense] fits a
     model without dense blocks); a pattern that matches no layer, or a selection of nothing at all,
     is a ConfigError."""
-    linears = [name for name, module in model.named_modules() if type(module) is nn.Linear and name != "head"]
+    head = model.hf.get_output_embeddings() if _is_pretrained(model) else model.head
+    # GPT-2's Conv1D is a linear layer with its weight transposed (peft adapts it too)
+    linears = [name for name, module in model.named_modules()
+               if (type(module) is nn.Linear or type(module).__name__ == "Conv1D") and module is not head]
     hint = f"(groups: {', '.join(LORA_TARGET_GROUPS)}; layers: {', '.join(linears[:4])} ...)"
     chosen: list[str] = []
     for item in targets:
@@ -69,8 +82,10 @@ def add_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     except ImportError as err:
         raise ConfigError(f"strategy.name 'lora' needs the peft package ({err}); pip install peft") from None
     names = lora_targets(model, cfg.targets)
-    inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                       target_modules=names, bias="none"), model)
+    with warnings.catch_warnings():  # peft sets fan_in_fan_out per layer itself (Conv1D's transposed weight)
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                           target_modules=names, bias="none"), model)
     for param in model.parameters():  # peft freezes the base model; our scopes say what learns instead
         param.requires_grad_(True)
     return names

@@ -12,6 +12,7 @@ import random
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from lifelong.config import RunConfig
 from lifelong.errors import ConfigError
@@ -34,8 +35,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_model_source(cfg: RunConfig) -> None:
+    """Refuse a `model.hf` that cannot be loaded (missing, code of its own not allowed, an architecture
+    without a retrofit table entry) before its tokenizer is read for the stream."""
+    if cfg.model.hf is not None:
+        from lifelong.pretrained import load_config
+
+        load_config(cfg.model)
+
+
 def stream_arguments(cfg: RunConfig) -> dict:
     """The arguments of `scenarios.build_stream` / `build_benchmark` for the config's stream."""
+    check_model_source(cfg)
     s = cfg.stream
     cache_dir = None if s.cache_dir is None else os.path.expanduser(os.environ.get("LIFELONG_CACHE", s.cache_dir))
     return dict(spec=list(s.domains) if s.domains else s.name, block_len=s.block_len,
@@ -59,11 +70,19 @@ def load_benchmark(cfg: RunConfig):
     return build_benchmark(**stream_arguments(cfg))
 
 
-def build_model(cfg: RunConfig, vocab_size: int) -> LanguageModel:
-    """The configured language model (with its LoRA adapters under strategy `lora`); the experts' own
-    argument checks become ConfigErrors."""
+def build_model(cfg: RunConfig, vocab_size: int, meta: bool = False) -> nn.Module:
+    """The configured language model: a LanguageModel, or with `model.hf` the pretrained model with
+    its PEER layers (lifelong/pretrained.py); with its LoRA adapters under strategy `lora`. The
+    experts' own argument checks become ConfigErrors. `meta`: shapes only (no pretrained weights read)."""
     try:
-        model = LanguageModel(cfg.model, vocab_size=vocab_size, context=cfg.stream.block_len)
+        if cfg.model.hf is not None:
+            from lifelong.pretrained import load_pretrained
+
+            model = load_pretrained(cfg.model, context=cfg.stream.block_len, vocab_size=vocab_size, meta=meta)
+        else:
+            model = LanguageModel(cfg.model, vocab_size=vocab_size, context=cfg.stream.block_len)
+    except ConfigError:
+        raise
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
     if cfg.strategy.name == "lora":
@@ -100,7 +119,7 @@ def available_memory(device: torch.device) -> int | None:
 LAYER_OBJECT_BYTES = 64 * 1024
 
 
-def meta_model(cfg: RunConfig, vocab_size: int) -> LanguageModel:
+def meta_model(cfg: RunConfig, vocab_size: int) -> nn.Module:
     """The configured model with shapes only (meta tensors): its sizes and FLOPs at any scale, no memory.
     Even shapes cost Python objects per layer, and torch refuses a tensor whose size overflows 64 bits:
     both are refused with one line instead of hanging or failing inside torch."""
@@ -110,7 +129,7 @@ def meta_model(cfg: RunConfig, vocab_size: int) -> LanguageModel:
                           f"{free / 2**30:,.1f} GiB free")
     try:
         with torch.device("meta"):
-            return build_model(cfg, vocab_size)
+            return build_model(cfg, vocab_size, meta=True)
     except RuntimeError as err:  # e.g. "Storage size calculation overflowed"
         raise ConfigError(f"model: too large to describe ({str(err).splitlines()[0][:120]}); "
                           "lower model.dim or the expert counts") from None
@@ -126,7 +145,7 @@ def check_fits(params: int, device: torch.device, what: str, hint: str) -> None:
                           f"weights and AdamW moments, but {device} has {free / 2**30:,.1f} GiB free; {hint}")
 
 
-def build_trainable_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> LanguageModel:
+def build_trainable_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> nn.Module:
     """`build_model`, refused with one line before any allocation when training it cannot fit in memory."""
     params = meta_model(cfg, vocab_size).param_counts()["total"]
     check_fits(params, device, "model", "lower model.peer.num_experts (or model.moe.num_experts, model.dim)")

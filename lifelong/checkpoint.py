@@ -64,7 +64,8 @@ class RunState:
     `position` is None at a stage, or where the strategy stood inside an experience;
     `metric_counters` the metric plugins' counters (stage, train step, usage stage, train window);
     `metrics_csv_bytes` the size of metrics.csv (rows logged after it are dropped on resume);
-    `manual_growth_events` the growths of `lifelong grow` on a checkpoint.
+    `manual_growth_events` the growths of `lifelong grow` on a checkpoint; `base_weights` where the
+    pretrained weights left out of model.safetensors come from (checkpoint.base_weights: reference).
     """
 
     config: dict
@@ -77,9 +78,10 @@ class RunState:
     manual_growth_events: list = field(default_factory=list)
     position: dict | None = None
     optimizer_format: str = "plain"  # "fsdp": gathered from sharded parameters
+    base_weights: dict | None = None  # a pretrained model's weights referenced, not copied (`base_record`)
 
     _ORDER = ("config", "progress", "position", "optimizer", "optimizer_format", "strategy", "metric_counters",
-              "metrics_csv_bytes", "manual_growth_events", "rng")
+              "metrics_csv_bytes", "manual_growth_events", "rng", "base_weights")
 
     def to_dict(self) -> dict[str, Any]:
         return {key: getattr(self, key) for key in self._ORDER}
@@ -181,13 +183,23 @@ def checkpoint_folder(path: str | Path) -> Path:
     raise ConfigError(f"{path} is neither a run directory nor a checkpoint folder")
 
 
+def base_record(model: torch.nn.Module) -> dict[str, Any]:
+    """What identifies a pretrained model's weights (lifelong.pretrained.PretrainedLM): its name,
+    revision (when it came from the Hugging Face cache) and a SHA-256 of the weights themselves."""
+    return {**model.source, "sha256": model.base_digest(), "tensors": len(model.base_names())}
+
+
 def save(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any], keep: int = 1,
          weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a new checkpoint atomically; keep the `keep` newest complete ones.
 
     `state` must hold only tensors, numbers, strings, None, lists, tuples and dicts. `weights`: the
-    model's full state dict when `model` itself cannot give it (FSDP-sharded parameters).
+    model's full state dict when `model` itself cannot give it (FSDP-sharded parameters). A state
+    with `base_weights` (a `base_record`) leaves the pretrained weights out of model.safetensors.
     """
+    if state.get("base_weights") and weights is None:
+        base = set(model.base_names())
+        weights = {k: v for k, v in model.state_dict().items() if k not in base}
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(".tmp-*"):  # from a process killed while writing
@@ -255,9 +267,20 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {weights} is corrupted ({err})") from None
 
 
-def load_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Load `model.safetensors` of checkpoint folder `path` into `model` (strict: same architecture)."""
+def load_weights(path: str | Path, model: torch.nn.Module, base_weights: dict | None = None) -> None:
+    """Load `model.safetensors` of checkpoint folder `path` into `model` (strict: same architecture).
+    `base_weights`: the checkpoint's `base_record`; the pretrained weights it left out must be those
+    `model` was built with (same SHA-256), and are the only names allowed to be missing."""
     weights = _weights_file(path)
+    allowed: set[str] = set()
+    if base_weights:
+        digest = model.base_digest() if hasattr(model, "base_digest") else None
+        if digest != base_weights.get("sha256"):
+            raise CheckpointError(f"checkpoint {path} references the weights of {base_weights.get('hf')} "
+                                  f"(sha256 {str(base_weights.get('sha256'))[:12]}...), but the model built for "
+                                  f"this run has {'other weights' if digest else 'no pretrained weights'}; "
+                                  "restore that model, or resume from a checkpoint that copies them")
+        allowed = set(model.base_names())
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError) as err:
@@ -266,6 +289,7 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
         first = str(err).strip().splitlines()
         raise CheckpointError(f"checkpoint {weights} does not fit this model "
                               f"({first[-1].strip()[:160] if first else 'shape mismatch'})") from None
+    missing = [name for name in missing if name not in allowed]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {weights} does not fit this model "
                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")

@@ -179,15 +179,15 @@ def cmd_report(args) -> int:
 
 
 def cmd_flops(args) -> int:
-    from lifelong.build import meta_model
+    from lifelong.build import check_model_source, meta_model
     from scenarios import get_tokenizer
 
     cfg = resolve(args.preset or "builtin", args.config, args.overrides)
+    check_model_source(cfg)
     vocab = get_tokenizer(cfg.stream.tokenizer).vocab_size
     model = meta_model(cfg, vocab)  # shapes only: any size is counted, nothing allocated
     flops, matmul = model.flops_per_token(), model.flops_per_token("matmul")
-    stages = {f"blocks.{i}.ffn ({b.ffn_kind})": getattr(b.ffn, "flops_breakdown", dict)()
-              for i, b in enumerate(model.blocks)}  # PEER's stages, printed under its layer
+    stages = model.ffn_breakdowns()  # PEER's stages, printed under its layer
     width = max(len(k) for k in [*flops, *(f"  {p}" for parts in stages.values() for p in parts)]) + 2
     print(f"forward FLOPs per token (multiply-add = 2), context {cfg.stream.block_len}, vocab {vocab}")
     print(f"  {'':<{width}}{'all':>14}{'matmul only':>14}")

@@ -264,6 +264,10 @@ class CheckpointConfig:
     """Complete checkpoints kept on disk (the newest ones)."""
     every_steps: int = 0
     """Also checkpoint every N optimizer steps (0 = at stages only); `--resume` continues mid-experience."""
+    base_weights: Literal["copy", "reference"] = "copy"
+    """A pretrained model's (`model.hf`) weights in each checkpoint: "copy", or "reference": left out,
+    with the model's name, revision and a SHA-256 of its weights checked on resume (they must be
+    frozen in every experience: `train.trainable` scopes that leave them out)."""
 
     def __post_init__(self) -> None:
         check_positive("checkpoint", keep=self.keep)
@@ -290,6 +294,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed: expected an integer in 0..{MAX_SEED} (what NumPy's generators take), got {self.seed}")
+        if self.model.hf is not None and self.stream.tokenizer == "byte":
+            self.stream.tokenizer = self.model.hf  # a pretrained model reads its own tokens
         growing = self.growth.schedule != "none" or self.growth.freeze != "none"
         if growing and self.model.ffn == "dense":
             raise ConfigError("growth needs PEER or MoE layers, but model.ffn is 'dense'")
@@ -319,6 +325,13 @@ class RunConfig:
             named = [d.name for d in self.stream.domains] + [self.stream.pretrain.name] * self.stream.pretrain.enabled
             if background != "earlier" and self.stream.domains and background not in named:
                 raise ConfigError(f"strategy.sparse.background: {background!r} is not a domain of the stream")
+        if self.checkpoint.base_weights == "reference":
+            if self.model.hf is None:
+                raise ConfigError("checkpoint.base_weights 'reference' needs a pretrained model (model.hf)")
+            if not self.train.trainable:
+                raise ConfigError("checkpoint.base_weights 'reference' leaves the pretrained weights out of "
+                                  "checkpoints, so they must stay frozen: set train.trainable (e.g. "
+                                  "[\"queries,keys,experts\"])")
         if self.stream.pretrain.enabled and self.strategy.name == "joint":
             raise ConfigError("stream.pretrain with strategy.name 'joint' is not supported: joint training learns "
                               "every domain at once, so there is no phase before the others (turn one off)")

@@ -90,7 +90,7 @@ def grow_checkpoint(path: str | Path, experts_per_layer: int, warmup_steps: int 
         raise ConfigError(f"{folder} was written with FSDP-sharded parameters, whose growth is not supported")
     stream = load_stream(cfg)
     model = build_model(cfg, stream.vocab_size)
-    checkpoint.load_weights(folder, model)
+    checkpoint.load_weights(folder, model, state.base_weights)
     available = model.expert_layers()
     if not available:
         raise ConfigError(f"{run_dir}: growth needs PEER or MoE layers, but this model has none "

@@ -102,6 +102,17 @@ class ModelConfig:
     """FFN kind of the blocks named by `ffn_layers`: "peer", "moe" or "dense"; the rest are dense."""
     ffn_layers: str | int = "middle"
     """Which blocks get `ffn`: "middle" (paper), "all", or comma-separated indices like "1,3"."""
+    hf: str | None = None
+    """A pretrained Hugging Face causal LM to continue training (a local folder, or a name in the local
+    Hugging Face cache; nothing is downloaded): its blocks named by `ffn_layers` get PEER layers
+    (`ffn` "peer") or none (`ffn` "dense": the pretrained model as it is), its tokenizer becomes the
+    stream's, and dim, n_layers, n_heads and dropout are its own (lifelong/pretrained.py)."""
+    hf_insert: Literal["replace", "parallel"] = "parallel"
+    """How PEER enters a pretrained block: "parallel" (added to the block's MLP with every expert's
+    output vector at zero: the model computes what the pretrained one did) or "replace" (in place of
+    the MLP: a new model that must be trained)."""
+    hf_trust_remote_code: bool = False
+    """Run the code a model folder ships (transformers' trust_remote_code); never on unless set."""
     dense: DenseConfig = field(default_factory=DenseConfig)
     peer: PEERConfig = field(default_factory=PEERConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -112,22 +123,29 @@ class ModelConfig:
             raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
-        self.special_layers()  # validates ffn_layers
+        if self.hf is not None and not self.hf.strip():
+            raise ConfigError("model.hf must name a model folder or a cached model (or be null)")
+        if self.hf is not None and self.ffn == "moe":
+            raise ConfigError("model.hf takes PEER layers (model.ffn=peer) or none (model.ffn=dense), not 'moe'")
+        # validates ffn_layers; a pretrained model's depth is known once it is loaded
+        self.special_layers(1024 if self.hf is not None else None)
 
-    def special_layers(self) -> list[int]:
-        """Indices of the blocks whose FFN is `ffn` (the others are dense)."""
+    def special_layers(self, n_layers: int | None = None) -> list[int]:
+        """Indices of the blocks whose FFN is `ffn` (the others are dense), of `n_layers` blocks
+        (default `n_layers`; a pretrained model's own depth)."""
+        n_layers = self.n_layers if n_layers is None else n_layers
         spec = str(self.ffn_layers).strip()
         if spec == "middle":
-            return [self.n_layers // 2]
+            return [n_layers // 2]
         if spec == "all":
-            return list(range(self.n_layers))
+            return list(range(n_layers))
         try:
             layers = sorted({int(part) for part in spec.split(",") if part.strip()})
         except ValueError:
             raise ConfigError(f"model.ffn_layers: {spec!r} is not 'middle', 'all' or a list like '1,3'") from None
-        bad = [i for i in layers if not 0 <= i < self.n_layers]
+        bad = [i for i in layers if not 0 <= i < n_layers]
         if bad or not layers:
-            raise ConfigError(f"model.ffn_layers: {spec!r} names no block in 0..{self.n_layers - 1}")
+            raise ConfigError(f"model.ffn_layers: {spec!r} names no block in 0..{n_layers - 1}")
         return layers
 
 
@@ -238,20 +256,9 @@ class LanguageModel(nn.Module):
         return {f"blocks.{i}.ffn": block.ffn for i, block in enumerate(self.blocks)
                 if isinstance(block.ffn, (PEER, MoE))}
 
-    @torch.no_grad()
     def expert_inputs(self, blocks_BT: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each expert layer's input [tokens, dim] when the model, in eval mode, reads `blocks_BT`."""
-        captured: dict[str, torch.Tensor] = {}
-        handles = [layer.register_forward_pre_hook(
-            lambda module, args, name=name: captured.__setitem__(name, args[0].reshape(-1, args[0].shape[-1])))
-            for name, layer in self.expert_layers().items()]
-        try:
-            with eval_mode(self):
-                self(blocks_BT)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return captured
+        return capture_expert_inputs(self, blocks_BT)
 
     def num_experts(self) -> int:
         """Total experts over every PEER and MoE layer."""
@@ -278,6 +285,11 @@ class LanguageModel(nn.Module):
             out["adapters (LoRA)"] = adapters
         return out
 
+    def ffn_breakdowns(self) -> dict[str, dict[str, int]]:
+        """The PEER layers' forward FLOPs per token by stage, under their `flops_per_token` keys."""
+        return {f"blocks.{i}.ffn ({b.ffn_kind})": b.ffn.flops_breakdown() for i, b in enumerate(self.blocks)
+                if isinstance(b.ffn, PEER)}
+
     def param_counts(self) -> dict[str, int]:
         """Total parameters and parameters touched per token (tied head counted once)."""
         total = sum(p.numel() for p in self.parameters())
@@ -286,6 +298,22 @@ class LanguageModel(nn.Module):
         # The tied token table is read whole by the LM head; of the position table one row per token.
         active = total - ffn_total + ffn_active - self.pos_emb.weight.numel() + self.cfg.dim
         return {"total": total, "active_per_token": active, "ffn_total": ffn_total, "ffn_active": ffn_active}
+
+
+@torch.no_grad()
+def capture_expert_inputs(model: nn.Module, blocks_BT: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each of `model.expert_layers()`'s inputs [tokens, dim] when `model`, in eval mode, reads `blocks_BT`."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = [layer.register_forward_pre_hook(
+        lambda module, args, name=name: captured.__setitem__(name, args[0].reshape(-1, args[0].shape[-1])))
+        for name, layer in model.expert_layers().items()]
+    try:
+        with eval_mode(model):
+            model(blocks_BT)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
 
 
 @contextmanager

@@ -42,8 +42,9 @@ def reference_config(cfg: RunConfig) -> RunConfig:
                                checkpoint=CheckpointConfig(), eval=EvalConfig(curve_every=cfg.eval.curve_every))
 
 
-def reference_key(cfg: RunConfig, info: dict) -> str:
-    """What a domain's reference depends on, hashed: settings, seed and the domain's blocks."""
+def reference_key(cfg: RunConfig, info: dict, pretrained: str | None = None) -> str:
+    """What a domain's reference depends on, hashed: settings, seed, the domain's blocks and, for a
+    pretrained model (`model.hf`), the SHA-256 of its weights (`pretrained`)."""
     ref = reference_config(cfg).to_dict()
     stream = {k: v for k, v in ref["stream"].items() if k not in ("name", "domains", "order", "cache_dir")}
     # A reference trains everything: its scope is no dependency (and keys from before the setting stay valid).
@@ -52,6 +53,8 @@ def reference_key(cfg: RunConfig, info: dict) -> str:
             "stream": stream, "curve_every": cfg.eval.curve_every,
             "domain": {k: info.get(k) for k in ("name", "content_hash", "test_hash", "train_blocks", "test_blocks",
                                                 "tokenizer", "block_len")}}
+    if pretrained is not None:
+        blob["pretrained"] = pretrained
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -105,8 +108,11 @@ def scratch_references(cfg: RunConfig, bench, device, probes: dict, echo=print) 
     rng = checkpoint.rng_state()
     out = []
     try:
+        # a pretrained model's folder can change under the same name: its weights are part of the key
+        pretrained = build_model(cfg, bench.vocab_size).base_digest() if cfg.model.hf is not None else None
         for j, (domain, info) in enumerate(zip(bench.domains, bench.domain_info)):
-            path = folder / f"{domain}-{reference_key(cfg, info)[:32]}.json" if folder is not None else None
+            key = reference_key(cfg, info, pretrained)
+            path = folder / f"{domain}-{key[:32]}.json" if folder is not None else None
             if path is not None and path.is_file():
                 out.append(rundir.read_json(path))
                 continue

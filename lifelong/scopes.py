@@ -2,10 +2,14 @@
 
 A scope is a comma-separated list of groups and parameter-name patterns (fnmatch):
 
-    all          every parameter but adapters   embeddings   token and position embeddings (tied head)
-    attention    every attention block      norms        the transformer's LayerNorms
-    dense        dense FFN blocks           queries      PEER query networks and query norms
-    keys         PEER sub-keys, MoE routers experts      PEER expert tables, MoE expert weights
+    all          every parameter but adapters
+    embeddings   token and position embeddings (the tied head; a pretrained model's LM head)
+    attention    every attention block
+    norms        the transformer's LayerNorms (RMSNorms)
+    dense        dense FFN blocks (a pretrained model's MLPs)
+    queries      PEER query networks and query norms
+    keys         PEER sub-keys, MoE routers
+    experts      PEER expert tables, MoE expert weights
     new_experts  the experts of each layer's newest growth only (their u, v rows)
     new_keys     the first-codebook sub-keys of each PEER layer's newest growth only
     adapters     LoRA adapters (strategy `lora`, lifelong/adapters.py)
@@ -28,6 +32,7 @@ from experts import PEER, DenseFFN, MoE
 from lifelong.adapters import is_adapter
 from lifelong.config import SCOPE_GROUPS, RunConfig
 from lifelong.errors import ConfigError
+from lifelong.pretrained import PretrainedLM
 
 
 def trainable_of(cfg: RunConfig) -> list[str]:
@@ -45,10 +50,17 @@ def scope_of(trainable: list[str], experience: int) -> str | None:
     return trainable[min(experience, len(trainable) - 1)]
 
 
+# The groups of a PEER layer's parts (the first name part inside the layer); the rest are "experts".
+PEER_PART_GROUPS = {"query": "queries", "norm": "queries", "codebooks": "keys"}
+
+
 def _group_of(model: nn.Module, name: str) -> str:
-    """The named group a parameter of the LanguageModel belongs to."""
+    """The named group a parameter of the LanguageModel (or a PretrainedLM) belongs to."""
     if is_adapter(name):
         return "adapters"
+    if isinstance(model, PretrainedLM):
+        kind, part = model.parameter_owner(name)
+        return PEER_PART_GROUPS.get(part, "experts") if kind == "peer" else kind
     parts = name.split(".")
     if parts[0] in ("tok_emb", "pos_emb"):
         return "embeddings"
@@ -60,7 +72,7 @@ def _group_of(model: nn.Module, name: str) -> str:
     if isinstance(ffn, DenseFFN):
         return "dense"
     if isinstance(ffn, PEER):
-        return {"query": "queries", "norm": "queries", "codebooks": "keys"}.get(parts[3], "experts")
+        return PEER_PART_GROUPS.get(parts[3], "experts")
     if isinstance(ffn, MoE):
         return "keys" if parts[3] == "router" else "experts"
     return "other"
@@ -101,6 +113,17 @@ def check_scopes(model: nn.Module, trainable: list[str]) -> None:
                                   f"a pattern matching a parameter name (e.g. {names[0]}, {names[-1]})")
         if not trainable_names(model, scope)[0]:
             raise ConfigError(f"train.trainable: the scope {scope!r} trains no parameter of this model")
+
+
+def check_base_frozen(model: nn.Module, trainable: list[str]) -> None:
+    """ConfigError unless every scope leaves a pretrained model's weights frozen (what checkpoints that
+    reference them instead of copying them need: checkpoint.base_weights 'reference')."""
+    base = set(model.base_names())
+    for scope in trainable or [None]:
+        trained = sorted(trainable_names(model, scope)[0] & base)
+        if trained:
+            raise ConfigError(f"checkpoint.base_weights 'reference' leaves the pretrained weights out of checkpoints, "
+                              f"but the scope {scope or 'all'!r} trains {len(trained):,} of them ({trained[0]}, ...)")
 
 
 class ScopeManager:

@@ -34,7 +34,7 @@ from lifelong.metrics import DomainLossMetric, ExpertUsageMetric, TrainLossMetri
 from lifelong.plots import save_matrix_heatmap
 from lifelong.plugins import CurvePlugin, GrowthPlugin, ProgressPlugin, TrainableScopePlugin
 from lifelong.reference import curve_mean, scratch_references
-from lifelong.scopes import ScopeManager, trainable_of
+from lifelong.scopes import ScopeManager, check_base_frozen, trainable_of
 from lifelong.strategies import build_strategy, load_strategy_state, strategy_state_dict
 from lifelong.training import build_optimizer
 
@@ -81,6 +81,10 @@ class RunSession:
             experts.attach(self.model, self.optimizer)
         self.trainable = trainable_of(cfg)
         self.scopes = ScopeManager(self.model, self.optimizer, self.trainable)
+        self.base_weights = None  # with checkpoint.base_weights 'reference': what checkpoints point to
+        if cfg.checkpoint.base_weights == "reference":
+            check_base_frozen(self.model, self.trainable)
+            self.base_weights = checkpoint.base_record(self.model)
         self.progress = Progress(data_hashes=self.data_hashes)
         self.manual_growth: list[dict] = []  # growth events of `lifelong grow` on a checkpoint
         if resume_from is not None:
@@ -179,6 +183,7 @@ class RunSession:
             metrics_csv_bytes=self.csv_logger.tell(),
             manual_growth_events=self.manual_growth,
             rng=checkpoint.rng_state(),
+            base_weights=self.base_weights,
         )
         checkpoint.save(self.out_dir, self.model, state.to_dict(), keep=self.cfg.checkpoint.keep, weights=weights)
 
@@ -201,7 +206,7 @@ class RunSession:
                 distributed.load_full_state(self.model, self.optimizer, checkpoint.read_weights(path),
                                             state.optimizer)
             else:
-                checkpoint.load_weights(path, self.model)
+                checkpoint.load_weights(path, self.model, state.base_weights)
                 self.model.to(self.device)
                 self.scopes.apply_saved(progress.next_experience, inside=state.position is not None)
                 self.optimizer.load_state_dict(state.optimizer)

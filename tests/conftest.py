@@ -17,3 +17,20 @@ def _one_thread():
     yield
     torch.set_num_threads(before)
 
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """kind -> the folder of a tiny random Hugging Face causal LM of that architecture with its own
+    locally trained tokenizer (helpers.save_tiny_hf), built once per session."""
+    pytest.importorskip("transformers")
+    from helpers import save_tiny_hf
+
+    folders = {}
+
+    def folder(kind: str) -> str:
+        if kind not in folders:
+            folders[kind] = save_tiny_hf(kind, tmp_path_factory.mktemp(f"hf-{kind}"))
+        return folders[kind]
+
+    return folder

@@ -54,3 +54,48 @@ def tiny_moe(seed=0, **kw):
     with torch.no_grad():
         layer.router.weight.normal_(0.0, 1.0)
     return layer
+
+
+# ---- tiny randomly initialised Hugging Face causal LMs, built from configs (nothing downloaded)
+
+HF_KINDS = ["gpt2", "llama", "gpt_neox"]
+
+
+def tiny_hf_model(kind: str, vocab: int = 64, layers: int = 3, seed: int = 0):
+    """A tiny causal LM of architecture `kind` (GPT-2, Llama with grouped KV heads, GPT-NeoX), no dropout."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                  max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=2, n_positions=128,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                         eos_token_id=0)
+    elif kind == "llama":
+        config = transformers.LlamaConfig(intermediate_size=64, num_key_value_heads=1, **common)
+    elif kind == "gpt_neox":
+        config = transformers.GPTNeoXConfig(intermediate_size=64, hidden_dropout=0.0, attention_dropout=0.0, **common)
+    else:
+        raise ValueError(kind)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def save_tiny_hf(kind: str, path) -> str:
+    """A tiny model of `kind` saved in folder `path` with a byte-level BPE tokenizer trained here on a
+    little code and prose (so a stream of the built-in domains reads in it); returns the folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["The court held that the contract was void, and the parties were returned to where they stood.",
+              "def load(path):\n    with open(path) as f:\n        return [line.strip() for line in f]",
+              "int main(void) { for (int i = 0; i < n; ++i) { total += values[i]; } return 0; }",
+              "She walked along the river in the morning light, thinking of the letters she had not sent."] * 10
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.save_pretrained(path)
+    tiny_hf_model(kind, vocab=len(fast), layers=2).save_pretrained(path)
+    return str(path)

@@ -61,6 +61,19 @@ def test_torchrun_matches_a_single_process_run(tmp_path, strategy):
     assert info["world_size"] == 2
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_trains_a_pretrained_model_as_one_process_does(tmp_path, tiny_hf, parallel):
+    overrides = _SMALL + [f"model.hf={tiny_hf('llama')}", f"train.parallel={parallel}"]
+    sets = [a for o in overrides for a in ("--set", o)]
+    done = _torchrun("-m", "lifelong.cli", "run", "--preset", "smoke", "--out", str(tmp_path / "ddp"),
+                     "--no-progress", *sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    single = experiment.run(resolve("smoke", overrides=overrides), tmp_path / "single", progress=False,
+                            echo=lambda *_: None)
+    assert _max_diff(ddp, single) <= 1e-5
+
+
 @pytest.mark.parametrize("growth", [
     ["growth.schedule=steps", "growth.every_steps=3", "growth.experts=16", "growth.init=kmeans"],
     ["growth.schedule=boundary", "growth.experts=16", "growth.freeze=top_used"],

@@ -109,3 +109,17 @@ def test_stage_boundaries_match_the_steps_growth_happened_at(smoke_runs):
     assert boundary_steps == run.boundaries()[:-1]  # schedule=boundary grows at each new experience
     curve_steps, _ = run.curves()["python"]
     assert curve_steps[-1] == run.boundaries()[-1]  # the last curve point is the end of the stream
+
+
+def test_both_notebooks_on_a_grown_pretrained_model(tiny_hf, tmp_path, monkeypatch):
+    from lifelong import experiment
+    from lifelong.presets import resolve
+
+    overrides = SMALL + [f"model.hf={tiny_hf('gpt2')}", "growth.schedule=boundary", "growth.experts=64",
+                         "growth.warmup_steps=2", "eval.curve_every=2"]
+    run_dir = tmp_path / "pretrained"
+    experiment.run(resolve("smoke", overrides=overrides), run_dir, progress=False, echo=lambda *_: None)
+    text, images = outputs(execute("forgetting.ipynb", [run_dir], tmp_path, monkeypatch))
+    assert images == 5 and "pretrained" in text
+    text, images = outputs(execute("experts.ipynb", [run_dir], tmp_path, monkeypatch))
+    assert images == 8 and "hf.transformer.h.1.mlp.peer" in text and "growth at step" in text

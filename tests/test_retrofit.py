@@ -6,6 +6,7 @@ import torch
 
 from experts import PEER
 from experts.retrofit import ParallelPEER, blocks_of, resolve_blocks, retrofit
+from helpers import HF_KINDS, tiny_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -13,21 +14,10 @@ PEER_ARGS = dict(num_experts=64, heads=2, top_k=4, key_dim=16)
 
 
 def tiny(kind: str):
-    torch.manual_seed(0)
-    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2)
-    if kind == "gpt2":
-        config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=2, n_positions=64,
-                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                         eos_token_id=0)
-        return transformers.GPT2LMHeadModel(config)
-    if kind == "llama":
-        config = transformers.LlamaConfig(intermediate_size=64, num_key_value_heads=2, **common)
-        return transformers.LlamaForCausalLM(config)
-    config = transformers.GPTNeoXConfig(intermediate_size=64, **common)
-    return transformers.GPTNeoXForCausalLM(config)
+    return tiny_hf_model(kind)
 
 
-ARCHS = ["gpt2", "llama", "gpt_neox"]
+ARCHS = HF_KINDS
 
 
 @pytest.mark.parametrize("kind", ARCHS)
