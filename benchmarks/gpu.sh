@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Issue 9's GPU figures in one go, on a machine with one CUDA GPU:
+# The README's GPU figures in one go, on a machine with one CUDA GPU:
 #
 #     bash benchmarks/gpu.sh OUT_DIR          # every step below
 #     bash benchmarks/gpu.sh OUT_DIR check    # only the kernel checks (a minute or two)
 #
-# Needs torch, triton, pyyaml and pytest, nothing else: the benchmarks import experts/ and lifelong's
-# config, model and training modules, none of which imports Avalanche (tests/test_training.py checks
-# that), and run from a plain checkout (no install). Writes OUT_DIR/gpu.log (everything printed) and
-# one JSON per benchmark. The kernel checks come first: the compiled kernels against the reference,
-# fp32 and bf16, at the issue's sizes; a fast kernel that is wrong is worth nothing, so a failed
-# check stops the script (only the compiled checks: the interpreter of an older triton, e.g. 3.6 with
-# numpy 2.4, fails on the kernels' loop bounds, while its compiler builds them; CI runs the
-# interpreted ones with the pinned triton). Record the tables in the README's Performance section
-# with the machine.
+# Needs torch, triton, pyyaml and pytest (transformers for the pretrained-model step, skipped
+# without it): the benchmarks import experts/ and lifelong's config, model and training modules,
+# none of which imports Avalanche (tests/test_training.py checks that), and run from a plain
+# checkout (no install). Writes OUT_DIR/gpu.log (everything printed) and one JSON per benchmark. The
+# kernel checks come first: the compiled kernels against the reference, fp32 and bf16, at the
+# README's sizes; a fast kernel that is wrong is worth nothing, so a failed check stops the script
+# (only the compiled checks: the interpreter of an older triton, e.g. 3.6 with numpy 2.4, fails on
+# the kernels' loop bounds, while its compiler builds them; CI runs the interpreted ones with the
+# pinned triton). Record the tables in the README's Performance section with the machine.
 set -u -o pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [check]}
 only=${2:-all}
@@ -35,7 +35,7 @@ step "$python" -c "import torch, triton; print('torch', torch.__version__, 'trit
 step "$python" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "cuda or sm90" || exit 1
 [ "$only" = check ] && exit 0
 
-# one PEER layer: ours vs the plain reference vs a dense 4x FFN, the issue's sizes and the sweep
+# one PEER layer: ours vs the plain reference vs a dense 4x FFN, the README's sizes and the sweep
 step "$python" benchmarks/peer_layer.py --device cuda --json "$out/peer_layer.json"
 # dense AdamW (single / foreach / fused) vs RowAdamW at a million experts, dim 512
 step "$python" benchmarks/optimizer_step.py --device cuda --sizes 1048576 --dim 512 --json "$out/optimizer_step.json"
@@ -47,4 +47,13 @@ for optimizer in adamw rowwise; do
     step "$python" benchmarks/train_step.py --device cuda --presets iso-peer --optimizers "$optimizer" --steps 10 \
         "${million[@]}" --json "$out/train_step_1m_$optimizer.json"
 done
+# a pretrained model's shape with PEER retrofitted: the plan of benchmarks/pretrained.py --plan, measured
+# (random Qwen2.5-0.5B-shaped weights built there, nothing downloaded; needs transformers)
+if "$python" -c "import transformers" 2>/dev/null; then
+    step "$python" benchmarks/pretrained.py --plan --json "$out/pretrained_plan.json"
+    step "$python" benchmarks/pretrained.py --device cuda --shape qwen2.5-0.5b --batch 8 --block-len 1024 --frozen \
+        --steps 10 --set model.peer.num_experts=262144 --set model.peer.heads=8 --json "$out/pretrained.json"
+else
+    echo "## skipped benchmarks/pretrained.py: transformers is not installed" | tee -a "$log"
+fi
 echo "## done: $out" | tee -a "$log"

@@ -3,7 +3,8 @@ model without it, and the memory plan of a ~0.5B model on a GPU.
 
     python benchmarks/pretrained.py                     # a small Llama-shaped model built here, on the CPU
     python benchmarks/pretrained.py --model DIR         # a model folder of your own (local files only)
-    python benchmarks/pretrained.py --device cuda --json pretrained.json
+    python benchmarks/pretrained.py --device cuda --shape qwen2.5-0.5b --batch 8 --block-len 1024 --frozen \
+        --set model.peer.num_experts=262144 --set model.peer.heads=8 --json pretrained.json   # the plan, measured
     python benchmarks/pretrained.py --plan              # Qwen2.5-0.5B's shape: sizes and expected memory
                                                         # from its config alone (meta tensors, no weights)
 
@@ -51,27 +52,27 @@ VARIANTS = {"pretrained": ["model.ffn=dense"], "parallel": ["model.hf_insert=par
 PEER = ["model.peer.num_experts=16384", "model.peer.heads=4", "model.peer.top_k=16", "model.peer.key_dim=128"]
 
 
-def small_model(folder: Path) -> str:
-    """A Llama-shaped model (hidden 256, 4 blocks, 4 heads with 2 KV heads, MLP 688, vocabulary 4096,
-    random weights) and a byte-level BPE tokenizer of that vocabulary, saved in `folder`."""
+def shape_config(shape: str):
+    """The transformers config of a named shape: "small" (Llama-shaped: hidden 256, 4 blocks, 4 heads
+    with 2 KV heads, MLP 688, vocabulary 4096) or "qwen2.5-0.5b" (Qwen2.5-0.5B's architecture)."""
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    from scenarios import build_stream
+    if shape == "small":
+        return transformers.LlamaConfig(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=688, max_position_embeddings=512)
+    return transformers.Qwen2Config(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                                    num_key_value_heads=2, intermediate_size=4864, max_position_embeddings=32768,
+                                    tie_word_embeddings=True)
 
-    text = build_stream("smoke", block_len=64, train_tokens=20000, test_tokens=2000)
-    corpus = [text.tokenizer.decode(b.train.tokens.reshape(-1).tolist()) for b in text.blocks]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=4096,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
-    fast.save_pretrained(folder)
-    config = transformers.LlamaConfig(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=688, max_position_embeddings=512)
+
+def random_model(shape: str, folder: Path) -> str:
+    """A model of `shape` with random weights saved in `folder` (no tokenizer: the steps read random
+    token ids, and a run's config needs none to build the model)."""
+    import transformers
+
     torch.manual_seed(0)
     transformers.logging.disable_progress_bar()
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    transformers.AutoModelForCausalLM.from_config(shape_config(shape)).save_pretrained(folder)
     return str(folder)
 
 
@@ -86,7 +87,7 @@ def measure(args, variant: str) -> dict:
                  f"train.device={args.device}", *PEER, *VARIANTS[variant], *args.set]
     cfg = resolve("smoke", overrides=overrides)
     device = torch.device(args.device)
-    model = build_model(cfg, vocab_size=1).to(device)
+    model = build_model(cfg, vocab_size=1).to(device).train()  # from_pretrained leaves it in eval mode
     optimizer = build_optimizer(model, cfg, device)
     ScopeManager(model, optimizer, trainable_of(cfg)).apply(0)
     criterion, dtype = LMCriterion(), autocast_dtype(cfg.train.precision, device)
@@ -130,14 +131,10 @@ def measure(args, variant: str) -> dict:
 def plan(pools: list[int]) -> list[dict]:
     """Sizes and expected training memory of Qwen2.5-0.5B's architecture with PEER beside its middle
     block's MLP (meta tensors: nothing allocated, no weights read)."""
-    import transformers
-
     from lifelong.build import meta_model
     from lifelong.presets import resolve
 
-    config = transformers.Qwen2Config(vocab_size=151936, hidden_size=896, num_hidden_layers=24,
-                                      num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
-                                      max_position_embeddings=32768, tie_word_embeddings=True)
+    config = shape_config("qwen2.5-0.5b")
     tokens, hidden, layers, vocab = 8 * 1024, 896, 24, 151936
     logits = tokens * vocab * (2 + 4 + 4)  # bf16 logits, their fp32 copy for the loss, its gradient
     activations = 34 * tokens * hidden * layers
@@ -159,13 +156,19 @@ def plan(pools: list[int]) -> list[dict]:
                          "forward_gflops_per_token": sum(model.flops_per_token().values()) / 1e9,
                          "full_finetune_gib": full / 2**30, "peer_only_gib": peer_only / 2**30 if peer else None,
                          "logits_gib": logits / 2**30, "activations_gib": activations / 2**30,
-                         "checkpoint_copy_gib": 4 * total / 2**30, "checkpoint_reference_gib": 4 * peer / 2**30})
+                         "checkpoint_copy_gib": 4 * total / 2**30, "checkpoint_reference_gib": 4 * peer / 2**30 if peer else None})
     return rows
+
+
+def _gib(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="a local model folder (default: a small Llama-shaped one built here)")
+    parser.add_argument("--model", help="a local model folder (default: a random model of --shape built here)")
+    parser.add_argument("--shape", choices=["small", "qwen2.5-0.5b"], default="small",
+                        help="the random model's architecture when no --model is given")
     parser.add_argument("--blocks", default="middle", help="model.ffn_layers of the PEER variants")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8)
@@ -186,8 +189,8 @@ def main() -> None:
         for r in rows:
             print(f"| {r['experts']:,} | {r['params'] / 1e6:,.0f}M | {r['peer_params'] / 1e6:,.0f}M | "
                   f"{r['forward_gflops_per_token']:.2f} | {r['full_finetune_gib']:.1f} | "
-                  f"{'-' if r['peer_only_gib'] is None else format(r['peer_only_gib'], '.1f')} | "
-                  f"{r['checkpoint_copy_gib']:.2f} | {r['checkpoint_reference_gib']:.2f} |")
+                  f"{_gib(r['peer_only_gib'], '.1f')} | "
+                  f"{r['checkpoint_copy_gib']:.2f} | {_gib(r['checkpoint_reference_gib'], '.2f')} |")
         print(f"# of which logits {rows[0]['logits_gib']:.1f} GiB and other activations "
               f"{rows[0]['activations_gib']:.1f} GiB (8 x 1024 tokens per step, bf16 autocast)")
         write_json(args.json, machine=machine(), plan=rows)
@@ -196,12 +199,13 @@ def main() -> None:
         print(json.dumps(measure(args, args.only)))
         return
     with tempfile.TemporaryDirectory() as folder:
-        args.model = args.model or small_model(Path(folder))
+        args.model = args.model or random_model(args.shape, Path(folder))
         rows = []
         for variant in [v for v in VARIANTS if args.frozen or v != "parallel, base frozen"]:
             child = [sys.executable, __file__, "--only", variant, "--model", args.model, "--blocks", args.blocks,
                      "--device", args.device, "--batch", str(args.batch), "--block-len", str(args.block_len),
-                     "--steps", str(args.steps), "--warmup", str(args.warmup), *(a for s in args.set for a in ("--set", s))]
+                     "--steps", str(args.steps), "--warmup", str(args.warmup),
+                     *(a for s in args.set for a in ("--set", s))]
             done = subprocess.run(child, capture_output=True, text=True, check=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"# {args.batch} x {args.block_len} tokens per step, {args.device}, median of {args.steps} steps")

@@ -35,23 +35,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_model_source(cfg: RunConfig) -> None:
-    """Refuse a `model.hf` that cannot be loaded (missing, code of its own not allowed, an architecture
-    without a retrofit table entry) before its tokenizer is read for the stream."""
-    if cfg.model.hf is not None:
-        from lifelong.pretrained import load_config
+def model_source(cfg: RunConfig) -> str | None:
+    """The local folder of `model.hf` (None without one), refused with one line when it cannot be
+    loaded (missing, code of its own not allowed, an architecture without a retrofit table entry)
+    before its tokenizer is read for the stream."""
+    if cfg.model.hf is None:
+        return None
+    from lifelong.pretrained import load_config
 
-        load_config(cfg.model)
+    return load_config(cfg.model)[1]
 
 
 def stream_arguments(cfg: RunConfig) -> dict:
     """The arguments of `scenarios.build_stream` / `build_benchmark` for the config's stream."""
-    check_model_source(cfg)
+    folder = model_source(cfg)
     s = cfg.stream
+    # the model's own tokenizer, from the folder that holds it (a cached hub name's snapshot)
+    tokenizer = folder if folder is not None and s.tokenizer == cfg.model.hf else s.tokenizer
     cache_dir = None if s.cache_dir is None else os.path.expanduser(os.environ.get("LIFELONG_CACHE", s.cache_dir))
     return dict(spec=list(s.domains) if s.domains else s.name, block_len=s.block_len,
                 train_tokens=s.train_tokens, test_tokens=s.test_tokens, test_fraction=s.test_fraction,
-                seed=cfg.seed, order=s.order, tokenizer=s.tokenizer, cache_dir=cache_dir,
+                seed=cfg.seed, order=s.order, tokenizer=tokenizer, cache_dir=cache_dir,
                 lossy_tokenizer=s.lossy_tokenizer, pretrain=s.pretrain if s.pretrain.enabled else None,
                 evaluate_on=s.evaluate_on)
 
@@ -94,6 +98,7 @@ def build_model(cfg: RunConfig, vocab_size: int, meta: bool = False) -> nn.Modul
 
 # fp32 weights plus AdamW's two moments: the least a training run holds per parameter
 TRAIN_BYTES_PER_PARAM = 12
+FROZEN_BYTES_PER_PARAM = 4  # a parameter no scope trains: its fp32 weight alone
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -135,18 +140,39 @@ def meta_model(cfg: RunConfig, vocab_size: int) -> nn.Module:
                           "lower model.dim or the expert counts") from None
 
 
-def check_fits(params: int, device: torch.device, what: str, hint: str) -> None:
-    """ConfigError when training `params` more parameters needs more memory than `device` has free
-    (fp32 weights and AdamW moments; gradients and activations come on top)."""
+def check_fits(params: int, device: torch.device, what: str, hint: str, frozen: int = 0) -> None:
+    """ConfigError when training `params` more parameters (and holding `frozen` ones that never train)
+    needs more memory than `device` has free (fp32 weights and AdamW moments of what trains, fp32
+    weights of the rest; gradients and activations come on top)."""
     free = available_memory(device)
-    needed = params * TRAIN_BYTES_PER_PARAM
+    needed = params * TRAIN_BYTES_PER_PARAM + frozen * FROZEN_BYTES_PER_PARAM
     if free is not None and needed > free:
-        raise ConfigError(f"{what}: {params:,} parameters need at least {needed / 2**30:,.1f} GiB for fp32 "
-                          f"weights and AdamW moments, but {device} has {free / 2**30:,.1f} GiB free; {hint}")
+        also = f" (and {frozen:,} frozen ones)" if frozen else ""
+        raise ConfigError(f"{what}: {params:,} trained parameters{also} need at least {needed / 2**30:,.1f} GiB "
+                          f"for fp32 weights and AdamW moments, but {device} has {free / 2**30:,.1f} GiB free; {hint}")
+
+
+def check_bootstrap_memory(samples: int, blocks: int) -> None:
+    """Refuse, before training, intervals whose resampling (`samples` float64 resamplings of `blocks`
+    test blocks, eval.bootstrap_samples) cannot fit in the free memory."""
+    needed = 8 * samples * max(blocks, 1)
+    free = available_memory(torch.device("cpu"))
+    if free is not None and needed > free:
+        raise ConfigError(f"eval.bootstrap_samples: {samples:,} resamplings of {blocks:,} test blocks need "
+                          f"{needed / 2**30:,.1f} GiB, but {free / 2**30:,.1f} GiB are free")
 
 
 def build_trainable_model(cfg: RunConfig, vocab_size: int, device: torch.device) -> nn.Module:
-    """`build_model`, refused with one line before any allocation when training it cannot fit in memory."""
-    params = meta_model(cfg, vocab_size).param_counts()["total"]
-    check_fits(params, device, "model", "lower model.peer.num_experts (or model.moe.num_experts, model.dim)")
+    """`build_model`, refused with one line before any allocation when training it cannot fit in memory
+    (a parameter that no scope of `train.trainable` trains is charged its weight only)."""
+    from lifelong.scopes import trainable_names, trainable_of
+
+    meta = meta_model(cfg, vocab_size)
+    sizes = {name: p.numel() for name, p in meta.named_parameters()}
+    scopes = trainable_of(cfg)
+    trained = set().union(*(trainable_names(meta, scope)[0] for scope in scopes)) if scopes else set(sizes)
+    frozen = sum(n for name, n in sizes.items() if name not in trained)
+    hint = ("lower model.peer.num_experts, or freeze the pretrained weights (train.trainable)" if cfg.model.hf
+            else "lower model.peer.num_experts (or model.moe.num_experts, model.dim)")
+    check_fits(sum(sizes.values()) - frozen, device, "model", hint, frozen=frozen)
     return build_model(cfg, vocab_size)

@@ -183,10 +183,10 @@ def checkpoint_folder(path: str | Path) -> Path:
     raise ConfigError(f"{path} is neither a run directory nor a checkpoint folder")
 
 
-def base_record(model: torch.nn.Module) -> dict[str, Any]:
+def base_record(model: torch.nn.Module, digest: str) -> dict[str, Any]:
     """What identifies a pretrained model's weights (lifelong.pretrained.PretrainedLM): its name,
-    revision (when it came from the Hugging Face cache) and a SHA-256 of the weights themselves."""
-    return {**model.source, "sha256": model.base_digest(), "tensors": len(model.base_names())}
+    revision (when it came from the Hugging Face cache) and `digest`, its `base_digest()`."""
+    return {**model.source, "sha256": digest, "tensors": len(model.base_names())}
 
 
 def save(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any], keep: int = 1,

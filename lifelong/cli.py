@@ -179,12 +179,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_flops(args) -> int:
-    from lifelong.build import check_model_source, meta_model
+    from lifelong.build import meta_model, stream_arguments
     from scenarios import get_tokenizer
 
     cfg = resolve(args.preset or "builtin", args.config, args.overrides)
-    check_model_source(cfg)
-    vocab = get_tokenizer(cfg.stream.tokenizer).vocab_size
+    vocab = get_tokenizer(stream_arguments(cfg)["tokenizer"]).vocab_size
     model = meta_model(cfg, vocab)  # shapes only: any size is counted, nothing allocated
     flops, matmul = model.flops_per_token(), model.flops_per_token("matmul")
     stages = model.ffn_breakdowns()  # PEER's stages, printed under its layer

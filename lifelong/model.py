@@ -11,6 +11,7 @@ to what they build; everything about training lives elsewhere.
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -125,27 +126,35 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
         if self.hf is not None and not self.hf.strip():
             raise ConfigError("model.hf must name a model folder or a cached model (or be null)")
+        if self.hf is not None and os.path.isdir(os.path.expanduser(self.hf)):
+            # a folder by its absolute path: a run resumed from elsewhere finds it (transformers expands no ~)
+            self.hf = os.path.abspath(os.path.expanduser(self.hf))
         if self.hf is not None and self.ffn == "moe":
             raise ConfigError("model.hf takes PEER layers (model.ffn=peer) or none (model.ffn=dense), not 'moe'")
-        # validates ffn_layers; a pretrained model's depth is known once it is loaded
-        self.special_layers(1024 if self.hf is not None else None)
+        # validates ffn_layers (a pretrained model's depth, known once it is loaded, bounds it then)
+        self._layers(None if self.hf is not None else self.n_layers)
 
     def special_layers(self, n_layers: int | None = None) -> list[int]:
         """Indices of the blocks whose FFN is `ffn` (the others are dense), of `n_layers` blocks
-        (default `n_layers`; a pretrained model's own depth)."""
-        n_layers = self.n_layers if n_layers is None else n_layers
+        (default `model.n_layers`; a pretrained model's own depth)."""
+        return self._layers(self.n_layers if n_layers is None else n_layers)
+
+    def _layers(self, n_layers: int | None) -> list[int]:
+        """`special_layers` of `n_layers` blocks; None: the depth is not known yet (only the spelling
+        and the sign of indices are checked)."""
         spec = str(self.ffn_layers).strip()
         if spec == "middle":
-            return [n_layers // 2]
+            return [] if n_layers is None else [n_layers // 2]
         if spec == "all":
-            return list(range(n_layers))
+            return [] if n_layers is None else list(range(n_layers))
         try:
             layers = sorted({int(part) for part in spec.split(",") if part.strip()})
         except ValueError:
             raise ConfigError(f"model.ffn_layers: {spec!r} is not 'middle', 'all' or a list like '1,3'") from None
-        bad = [i for i in layers if not 0 <= i < n_layers]
+        bad = [i for i in layers if i < 0 or (n_layers is not None and i >= n_layers)]
         if bad or not layers:
-            raise ConfigError(f"model.ffn_layers: {spec!r} names no block in 0..{n_layers - 1}")
+            blocks = f"0..{n_layers - 1}" if n_layers is not None else "0, 1, ..."
+            raise ConfigError(f"model.ffn_layers: {spec!r} names no block in {blocks}")
         return layers
 
 

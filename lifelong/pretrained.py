@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from experts import PEER
 from experts.retrofit import ARCHITECTURES, ParallelPEER, blocks_of, hidden_size, retrofit
+from lifelong.adapters import is_adapter
 from lifelong.errors import ConfigError
 from lifelong.model import ModelConfig, capture_expert_inputs
 
@@ -36,15 +37,6 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(err).__name__
 
 
-def _needs_remote_code(name: str) -> bool:
-    """Whether a local model folder's config asks for code of its own (an `auto_map`)."""
-    config = Path(name).expanduser() / "config.json"
-    try:
-        return "auto_map" in json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-
-
 def _transformers():
     try:
         import transformers
@@ -53,40 +45,58 @@ def _transformers():
     return transformers
 
 
-def load_config(cfg: ModelConfig):
-    """The Hugging Face config of `model.hf`, refused with one line when it is missing, needs code of
-    its own that was not allowed, or is of an architecture without a retrofit table entry."""
-    transformers = _transformers()
-    name, trust = cfg.hf, cfg.hf_trust_remote_code
-    remote = ("model.hf: {} ships code of its own (transformers' trust_remote_code); set "
-              "model.hf_trust_remote_code=true only if you trust that code")
-    if not trust and _needs_remote_code(name):
-        raise ConfigError(remote.format(name))
+def model_folder(name: str) -> tuple[str, str | None]:
+    """(the local folder `model.hf` names, the revision it holds): the folder itself (revision None),
+    or the snapshot of a hub name in the local Hugging Face cache (its commit hash). Nothing is
+    contacted: loading from the folder keeps transformers from asking the hub about other files."""
+    if Path(name).is_dir():
+        return name, None
     try:
-        config = transformers.AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust)
-    except (OSError, ValueError, KeyError) as err:
-        if "trust_remote_code" in str(err):
-            raise ConfigError(remote.format(name)) from None
-        if isinstance(err, OSError):
-            raise ConfigError(f"model.hf: {name!r} is neither a model folder nor a model in the local Hugging "
-                              "Face cache (nothing is downloaded)") from None
-        raise ConfigError(f"model.hf: {name} cannot be read ({_first_line(err)})") from None
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id=name, local_files_only=True)
+    except Exception:  # not cached, not a repository id, or no huggingface_hub
+        raise ConfigError(f"model.hf: {name!r} is neither a model folder nor a model in the local Hugging Face "
+                          "cache (nothing is downloaded)") from None
+    return folder, Path(folder).name
+
+
+def load_config(cfg: ModelConfig):
+    """(the Hugging Face config of `model.hf`, its local folder, its revision), refused with one line
+    when it is missing or unreadable, needs code of its own that was not allowed, or is of an
+    architecture without a retrofit table entry."""
+    transformers = _transformers()
+    folder, revision = model_folder(cfg.hf)
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.hf: {folder} has no readable config.json ({_first_line(err)})") from None
+    kind = raw.get("model_type", "") if isinstance(raw, dict) else ""
+    # a type transformers knows loads with its own code even when the folder also ships some
+    if "auto_map" in raw and not cfg.hf_trust_remote_code and kind not in transformers.CONFIG_MAPPING:
+        raise ConfigError(f"model.hf: {cfg.hf} ships code of its own (transformers' trust_remote_code); set "
+                          "model.hf_trust_remote_code=true only if you trust that code")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True,
+                                                         trust_remote_code=cfg.hf_trust_remote_code)
+    except Exception as err:  # transformers raises ValueError, KeyError, OSError, ... for what it cannot read
+        raise ConfigError(f"model.hf: {cfg.hf} cannot be read ({_first_line(err)})") from None
     kind = getattr(config, "model_type", "")
-    if kind not in ARCHITECTURES:
-        raise ConfigError(f"model.hf: model type {kind or 'unknown'!r} of {name} is not supported "
+    if kind not in ARCHITECTURES or kind not in ATTENTION:
+        raise ConfigError(f"model.hf: model type {kind or 'unknown'!r} of {cfg.hf} is not supported "
                           f"(supported: {', '.join(ARCHITECTURES)})")
-    return config
+    return config, folder, revision
 
 
 def load_pretrained(cfg: ModelConfig, context: int, vocab_size: int, meta: bool = False) -> "PretrainedLM":
     """`model.hf` with its PEER layers; `vocab_size` is the stream tokenizer's, `context` the block
     length. `meta`: shapes only (the config's architecture with meta tensors, no weights read)."""
     transformers = _transformers()
-    config = load_config(cfg)
+    config, folder, revision = load_config(cfg)
     model_vocab = int(config.vocab_size)
     if vocab_size > model_vocab:
-        raise ConfigError(f"model.hf: the tokenizer has {vocab_size:,} tokens but {cfg.hf} has {model_vocab:,} "
-                          "embeddings (use the model's own tokenizer: leave stream.tokenizer at 'byte')")
+        raise ConfigError(f"model.hf: the stream's tokenizer has {vocab_size:,} tokens but {cfg.hf} has "
+                          f"{model_vocab:,} embeddings")
     positions = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions")
                       if isinstance(getattr(config, key, None), int)), None)
     if positions is not None and context > positions:
@@ -101,15 +111,15 @@ def load_pretrained(cfg: ModelConfig, context: int, vocab_size: int, meta: bool 
                     config, trust_remote_code=cfg.hf_trust_remote_code, dtype=torch.float32)
         else:
             hf = transformers.AutoModelForCausalLM.from_pretrained(
-                cfg.hf, config=config, local_files_only=True, trust_remote_code=cfg.hf_trust_remote_code,
+                folder, config=config, local_files_only=True, trust_remote_code=cfg.hf_trust_remote_code,
                 dtype=torch.float32)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # missing, truncated or mismatched weights: whatever the format's reader raises
         raise ConfigError(f"model.hf: the weights of {cfg.hf} cannot be loaded ({_first_line(err)})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:
             transformers.logging.enable_progress_bar()
-    source = {"hf": cfg.hf, "revision": getattr(config, "_commit_hash", None), "model_type": config.model_type}
+    source = {"hf": cfg.hf, "revision": revision, "model_type": config.model_type}
     return PretrainedLM(hf, cfg, context, source)
 
 
@@ -125,6 +135,10 @@ class PretrainedLM(nn.Module):
         self.hf, self.cfg, self.context, self.source = hf, cfg, context, source
         self.vocab_size = int(hf.config.vocab_size)
         self.dim = hidden_size(hf)
+        config = hf.config
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+        # the queries' width, which scores and mixing run over: heads x head_dim (Qwen3's is not dim)
+        self.attention_width = heads * (getattr(config, "head_dim", None) or self.dim // heads)
         layers, self._mlp_attr = blocks_of(hf)
         self._attn_attr = ATTENTION[source["model_type"]]
         self._blocks_prefix = next(name for name, module in self.named_modules() if module is layers)
@@ -177,8 +191,9 @@ class PretrainedLM(nn.Module):
 
     @staticmethod
     def _matrix_flops(module: nn.Module) -> int:
-        """2 FLOPs per weight of every matrix (nn.Linear and GPT-2's Conv1D alike) in `module`."""
-        return sum(2 * p.numel() for p in module.parameters() if p.dim() == 2)
+        """2 FLOPs per weight of every matrix (nn.Linear and GPT-2's Conv1D alike) in `module`; LoRA
+        adapters are counted once, on their own line of flops_per_token."""
+        return sum(2 * p.numel() for name, p in module.named_parameters() if p.dim() == 2 and not is_adapter(name))
 
     def _ffn_flops(self, ffn: nn.Module, convention: str) -> int:
         peer = ffn if isinstance(ffn, PEER) else getattr(ffn, "peer", None)
@@ -190,17 +205,17 @@ class PretrainedLM(nn.Module):
 
     def flops_per_token(self, convention: Literal["all", "matmul"] = "all") -> dict[str, int]:
         """Forward FLOPs per token by component, as LanguageModel counts them: every block's attention
-        (its matrices and the scores over on average context/2 keys), its MLP's matrices, the PEER
-        layers' count in the chosen convention and the LM head. The pretrained parts count their
-        matrix products in both conventions (norms and activations are left out)."""
+        (its matrices, and scores and mixing over on average context/2 keys at heads x head_dim), its
+        MLP's matrices, the PEER layers' count in the chosen convention and the LM head. The pretrained
+        parts count their matrix products in both conventions (norms and activations are left out)."""
         out = {}
         for i, block in enumerate(self.blocks):
             attention = getattr(block, self._attn_attr)
-            out[f"blocks.{i}.attn"] = self._matrix_flops(attention) + 2 * 2 * self.dim * (self.context // 2)
+            out[f"blocks.{i}.attn"] = self._matrix_flops(attention) + 2 * 2 * self.attention_width * (self.context // 2)
             ffn = getattr(block, self._mlp_attr)
             out[f"blocks.{i}.ffn ({self._ffn_kind(ffn)})"] = self._ffn_flops(ffn, convention)
         out["head"] = 2 * self.dim * self.vocab_size
-        adapters = sum(2 * p.numel() for name, p in self.named_parameters() if ".lora_" in name)
+        adapters = sum(2 * p.numel() for name, p in self.named_parameters() if is_adapter(name))
         if adapters:
             out["adapters (LoRA)"] = adapters
         return out
@@ -255,7 +270,7 @@ class PretrainedLM(nn.Module):
     def base_names(self) -> list[str]:
         """Names (state dict keys) of the pretrained weights: everything but PEER layers and adapters."""
         peers = [name + "." for name in self.expert_layers()]
-        return [k for k in self.state_dict() if ".lora_" not in k and not any(k.startswith(p) for p in peers)]
+        return [k for k in self.state_dict() if not is_adapter(k) and not any(k.startswith(p) for p in peers)]
 
     def base_digest(self) -> str:
         """SHA-256 over the pretrained weights' names, dtypes, shapes and bytes (what a checkpoint that

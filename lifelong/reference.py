@@ -98,9 +98,12 @@ def train_reference(cfg: RunConfig, bench, index: int, device, probes: dict) -> 
             "curve": curve.points, "steps": int(strategy.optimizer_steps)}
 
 
-def scratch_references(cfg: RunConfig, bench, device, probes: dict, echo=print) -> list[dict]:
+def scratch_references(cfg: RunConfig, bench, device, probes: dict, echo=print,
+                       pretrained: str | None = None) -> list[dict]:
     """Every domain's reference, from the cache when there (stream.cache_dir, or LIFELONG_CACHE),
-    trained otherwise. The global RNG states are restored afterwards."""
+    trained otherwise. `pretrained`: the SHA-256 of `model.hf`'s weights (PretrainedLM.base_digest),
+    part of the cache key, since a model folder can change under the same name. The global RNG states
+    are restored afterwards."""
     from lifelong.build import stream_arguments
 
     cache_dir = stream_arguments(cfg)["cache_dir"]
@@ -108,8 +111,8 @@ def scratch_references(cfg: RunConfig, bench, device, probes: dict, echo=print) 
     rng = checkpoint.rng_state()
     out = []
     try:
-        # a pretrained model's folder can change under the same name: its weights are part of the key
-        pretrained = build_model(cfg, bench.vocab_size).base_digest() if cfg.model.hf is not None else None
+        if cfg.model.hf is not None and pretrained is None:
+            pretrained = build_model(cfg, bench.vocab_size).base_digest()
         for j, (domain, info) in enumerate(zip(bench.domains, bench.domain_info)):
             key = reference_key(cfg, info, pretrained)
             path = folder / f"{domain}-{key[:32]}.json" if folder is not None else None

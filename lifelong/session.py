@@ -24,8 +24,8 @@ from avalanche.training.plugins import EvaluationPlugin
 import experts
 from lifelong import checkpoint, distributed, rundir, snapshots, transfer
 from lifelong import results as results_io
-from lifelong.build import (available_memory, build_model, build_trainable_model, load_benchmark, resolve_device,
-                            seed_everything)
+from lifelong.build import (build_model, build_trainable_model, check_bootstrap_memory, load_benchmark,
+                            resolve_device, seed_everything)
 from lifelong.checkpoint import Progress, RunState
 from lifelong.config import RunConfig
 from lifelong.errors import ConfigError, TrainingDiverged
@@ -70,7 +70,7 @@ class RunSession:
             raise ConfigError(f"strategy.sparse.background: {background!r} is not a domain of the stream "
                               f"({', '.join(self.domains)}) nor 'earlier'")
         self.data_hashes = self.bench.content_hashes()
-        self._check_bootstrap_memory()
+        check_bootstrap_memory(cfg.eval.bootstrap_samples, sum(int(i["test_blocks"]) for i in self.bench.domain_info))
         self.model = build_trainable_model(cfg, self.bench.vocab_size, self.device)
         self.sharded = distributed.active() and cfg.train.parallel == "fsdp"
         if self.sharded:  # FSDP2 before the optimizer, which must hold the sharded parameters
@@ -81,10 +81,13 @@ class RunSession:
             experts.attach(self.model, self.optimizer)
         self.trainable = trainable_of(cfg)
         self.scopes = ScopeManager(self.model, self.optimizer, self.trainable)
-        self.base_weights = None  # with checkpoint.base_weights 'reference': what checkpoints point to
-        if cfg.checkpoint.base_weights == "reference":
+        # the pretrained weights' SHA-256 as loaded: what referencing checkpoints and cached references name
+        referenced = cfg.checkpoint.base_weights == "reference"
+        if referenced:
             check_base_frozen(self.model, self.trainable)
-            self.base_weights = checkpoint.base_record(self.model)
+        self.base_digest = (self.model.base_digest() if referenced or (cfg.model.hf and cfg.eval.reference == "scratch")
+                            else None)
+        self.base_weights = checkpoint.base_record(self.model, self.base_digest) if referenced else None
         self.progress = Progress(data_hashes=self.data_hashes)
         self.manual_growth: list[dict] = []  # growth events of `lifelong grow` on a checkpoint
         if resume_from is not None:
@@ -124,16 +127,6 @@ class RunSession:
             save_checkpoint=self.save_inside)
         if resume_from is not None:
             self._restore_counters(resume_from[1])
-
-    def _check_bootstrap_memory(self) -> None:
-        """Refuse, before training, intervals whose resampling (float64 samples x test blocks) cannot fit."""
-        blocks = sum(int(info["test_blocks"]) for info in self.bench.domain_info)
-        needed = 8 * self.cfg.eval.bootstrap_samples * max(blocks, 1)
-        free = available_memory(torch.device("cpu"))
-        if free is not None and needed > free:
-            raise ConfigError(f"eval.bootstrap_samples: {self.cfg.eval.bootstrap_samples:,} resamplings of "
-                              f"{blocks:,} test blocks need {needed / 2**30:,.1f} GiB, but {free / 2**30:,.1f} GiB "
-                              "are free")
 
     def _record_stage(self, nats: list[float], bpb: list[float], blocks: list) -> None:
         self.progress.loss_rows.append(nats)
@@ -338,7 +331,8 @@ class RunSession:
         """Each domain's model trained alone (eval.reference: scratch), None otherwise or for joint."""
         if self.cfg.eval.reference != "scratch" or self.cfg.strategy.name == "joint":
             return None
-        return scratch_references(self.cfg, self.bench, self.device, self.probes, echo=self.echo)
+        return scratch_references(self.cfg, self.bench, self.device, self.probes, echo=self.echo,
+                                  pretrained=self.base_digest)
 
     def _stream_curve_means(self) -> list[float | None]:
         """Each domain's mean probe-block loss along its own experience (from metrics.csv)."""

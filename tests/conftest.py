@@ -18,7 +18,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory):
     """kind -> the folder of a tiny random Hugging Face causal LM of that architecture with its own

@@ -59,10 +59,12 @@ def tiny_moe(seed=0, **kw):
 # ---- tiny randomly initialised Hugging Face causal LMs, built from configs (nothing downloaded)
 
 HF_KINDS = ["gpt2", "llama", "gpt_neox"]
+MORE_HF_KINDS = ["qwen2", "qwen3", "mistral"]  # the other architectures of the retrofit table
 
 
 def tiny_hf_model(kind: str, vocab: int = 64, layers: int = 3, seed: int = 0):
-    """A tiny causal LM of architecture `kind` (GPT-2, Llama with grouped KV heads, GPT-NeoX), no dropout."""
+    """A tiny causal LM of architecture `kind` (HF_KINDS or MORE_HF_KINDS), grouped KV heads where the
+    architecture has them, no dropout."""
     import transformers
 
     torch.manual_seed(seed)
@@ -76,6 +78,13 @@ def tiny_hf_model(kind: str, vocab: int = 64, layers: int = 3, seed: int = 0):
         config = transformers.LlamaConfig(intermediate_size=64, num_key_value_heads=1, **common)
     elif kind == "gpt_neox":
         config = transformers.GPTNeoXConfig(intermediate_size=64, hidden_dropout=0.0, attention_dropout=0.0, **common)
+    elif kind == "qwen2":  # tied embeddings, biases on q, k, v
+        config = transformers.Qwen2Config(intermediate_size=64, num_key_value_heads=1, tie_word_embeddings=True,
+                                          **common)
+    elif kind == "qwen3":  # heads x head_dim (2 x 24) differs from the hidden size
+        config = transformers.Qwen3Config(intermediate_size=64, num_key_value_heads=1, head_dim=24, **common)
+    elif kind == "mistral":
+        config = transformers.MistralConfig(intermediate_size=64, num_key_value_heads=1, **common)
     else:
         raise ValueError(kind)
     return transformers.AutoModelForCausalLM.from_config(config)
@@ -94,7 +103,8 @@ def save_tiny_hf(kind: str, path) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, initial_alphabet=alphabet))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
     fast.save_pretrained(path)
     tiny_hf_model(kind, vocab=len(fast), layers=2).save_pretrained(path)

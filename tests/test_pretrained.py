@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import HF_KINDS
+from helpers import HF_KINDS, MORE_HF_KINDS
 from lifelong import checkpoint, cli, experiment
 from lifelong.build import build_model, meta_model
+from lifelong.errors import ConfigError
 from lifelong.presets import resolve
 from lifelong.scopes import _group_of
 from lifelong.strategy_config import STRATEGIES
@@ -34,7 +35,7 @@ def run(out, folder, *overrides):
     return experiment.run(config(folder, *overrides), out, progress=False, echo=quiet)
 
 
-@pytest.mark.parametrize("kind", HF_KINDS)
+@pytest.mark.parametrize("kind", HF_KINDS + MORE_HF_KINDS)
 def test_parallel_insertion_leaves_the_logits_unchanged(tiny_hf, kind):
     folder = tiny_hf(kind)
     plain = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
@@ -108,7 +109,7 @@ def test_growth_on_a_pretrained_model_preserves_its_output(tiny_hf, tmp_path):
     assert all(e["output_change"] <= 1e-6 for e in res["growth_events"])
 
 
-def test_resume_inside_an_experience_with_referenced_base_weights(tiny_hf, tmp_path, monkeypatch):
+def test_resume_inside_an_experience_with_referenced_base_weights(tiny_hf, tmp_path, monkeypatch, capsys):
     """Checkpoints that reference the frozen pretrained weights instead of copying them resume to the
     results of an uninterrupted run; a changed base model is refused on resume."""
     from test_experiment import _run_cut_at
@@ -133,7 +134,10 @@ def test_resume_inside_an_experience_with_referenced_base_weights(tiny_hf, tmp_p
     name = next(iter(weights))
     weights[name] = weights[name] + 1.0
     save_file(weights, f"{folder}/model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
     assert cli.main(["run", "--resume", str(cut_copy), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "references the weights of" in err[0] and folder in err[0]
 
 
 def test_scratch_references_start_from_the_pretrained_weights_they_were_trained_from(tiny_hf, tmp_path):
@@ -161,8 +165,9 @@ def test_referenced_base_weights_must_stay_frozen(tiny_hf, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_lifelong_grow_and_report_on_a_pretrained_run(tiny_hf, tmp_path, capsys):
-    folder = tiny_hf("llama")
+@pytest.mark.parametrize("kind", HF_KINDS)  # GPT-2 ties its LM head to the token embedding
+def test_lifelong_grow_and_report_on_a_pretrained_run(tiny_hf, tmp_path, capsys, kind):
+    folder = tiny_hf(kind)
     run(tmp_path / "a", folder, "checkpoint.keep=5")
     run_dir = shutil.copytree(tmp_path / "a", tmp_path / "cut")
     for name in ("ckpt-000002", "ckpt-000003", "ckpt-000004"):
@@ -188,13 +193,40 @@ def test_flops_of_a_pretrained_model(tiny_hf, capsys):
     # GPT-2's MLP: two matrices of dim x 4 dim; attention: four of dim x dim plus the scores
     assert flops["blocks.0.ffn (mlp)"] == 2 * 2 * 32 * 128
     assert flops["blocks.0.attn"] == 2 * 4 * 32 * 32 + 2 * 2 * 32 * 32
-    params = model.param_counts()
-    assert params["total"] == sum(p.numel() for p in model.parameters())
+    # LoRA's matrices are counted once, on their own line: 2 FLOPs per adapter weight
+    lora = meta_model(config(folder, "strategy.name=lora"), vocab_size=10)
+    adapters = sum(p.numel() for name, p in lora.named_parameters() if ".lora_" in name)
+    assert sum(lora.flops_per_token().values()) - sum(flops.values()) == 2 * adapters > 0
+    # Qwen3's attention is 2 heads x 24 wide in a 32-wide model: scores and mixing run at 48
+    qwen3 = meta_model(config(tiny_hf("qwen3"), "model.ffn=dense"), vocab_size=10)
+    matrices = sum(2 * p.numel() for p in qwen3.blocks[0].self_attn.parameters() if p.dim() == 2)
+    assert qwen3.flops_per_token()["blocks.0.attn"] == matrices + 2 * 2 * 48 * 32
+
+
+def test_active_parameters_count_one_row_of_a_table_read_by_lookup(tiny_hf):
+    gpt2 = build_model(config(tiny_hf("gpt2"), "model.ffn=dense"), vocab_size=10).param_counts()
+    # the token table is the tied head, read whole; of the 128 positions one row
+    assert gpt2["active_per_token"] == gpt2["total"] - 127 * 32
+    llama = build_model(config(tiny_hf("llama"), "model.ffn=dense"), vocab_size=10)
+    vocab = llama.vocab_size  # untied: the input table is a lookup, the head a matrix read whole
+    assert llama.param_counts()["active_per_token"] == llama.param_counts()["total"] - (vocab - 1) * 32
 
 
 def _without_weights(folder, copy):
     shutil.copytree(folder, copy)
     (copy / "model.safetensors").unlink()
+    return copy
+
+
+def _damaged(folder, copy, truncate: bool):
+    """A copy of `folder` with its weights cut short, or with a config that disagrees with them."""
+    shutil.copytree(folder, copy)
+    if truncate:
+        weights = copy / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:5000])
+    else:
+        cfg = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**cfg, "n_inner": 48}))
     return copy
 
 
@@ -210,6 +242,8 @@ def _saved(folder, config_json: dict):
     ("remote", "trust_remote_code"),
     ("unknown", "cannot be read"),
     ("no-weights", "weights"),
+    ("truncated", "weights"),
+    ("mismatched", "weights"),
     ("tokenizer", "embeddings"),
 ])
 def test_a_bad_pretrained_model_is_one_line(tiny_hf, tmp_path, capsys, case, message):
@@ -220,6 +254,8 @@ def test_a_bad_pretrained_model_is_one_line(tiny_hf, tmp_path, capsys, case, mes
         "remote": lambda: _saved(tmp_path / "r", {"model_type": "mything", "auto_map": {"AutoConfig": "x.MyConfig"}}),
         "unknown": lambda: _saved(tmp_path / "u", {"model_type": "not-a-model"}),
         "no-weights": lambda: _without_weights(tiny_hf("gpt2"), tmp_path / "w"),
+        "truncated": lambda: _damaged(tiny_hf("gpt2"), tmp_path / "t", truncate=True),
+        "mismatched": lambda: _damaged(tiny_hf("gpt2"), tmp_path / "m", truncate=False),
         "tokenizer": lambda: tiny_hf("gpt2"),
     }[case]()
     extra = []
@@ -238,11 +274,50 @@ def test_a_bad_pretrained_model_is_one_line(tiny_hf, tmp_path, capsys, case, mes
 
 
 def test_hf_settings_are_checked(tiny_hf):
-    with pytest.raises(Exception, match="not 'moe'"):
+    with pytest.raises(ConfigError, match="not 'moe'"):
         config(tiny_hf("gpt2"), "model.ffn=moe")
-    with pytest.raises(Exception, match="needs a pretrained model"):
+    with pytest.raises(ConfigError, match="needs a pretrained model"):
         resolve("smoke", overrides=["checkpoint.base_weights=reference", "train.trainable=[experts]"])
-    with pytest.raises(Exception, match="frozen"):
+    with pytest.raises(ConfigError, match="frozen"):
         config(tiny_hf("gpt2"), "checkpoint.base_weights=reference")
-    with pytest.raises(Exception, match="positions"):
+    with pytest.raises(ConfigError, match="positions"):
         build_model(config(tiny_hf("gpt2"), "stream.block_len=512"), vocab_size=10)
+    with pytest.raises(ConfigError, match="names no block in 0, 1, ..."):
+        config(tiny_hf("gpt2"), "model.ffn_layers=-1")
+    with pytest.raises(ConfigError, match="names no block in 0..1"):
+        build_model(config(tiny_hf("gpt2"), "model.ffn_layers=2"), vocab_size=10)
+
+
+def test_a_model_folder_is_kept_by_its_absolute_path(tiny_hf, tmp_path, monkeypatch):
+    shutil.copytree(tiny_hf("gpt2"), tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    cfg = config("model")
+    assert cfg.model.hf == str(tmp_path / "model") == cfg.stream.tokenizer  # a resume from elsewhere finds it
+
+
+def test_a_native_type_that_also_ships_code_loads_without_it(tiny_hf, tmp_path):
+    folder = shutil.copytree(tiny_hf("llama"), tmp_path / "model")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoConfig": "mine.MyConfig"}}))
+    model = build_model(config(str(folder)), vocab_size=10)
+    assert type(model.hf).__name__ == "LlamaForCausalLM"
+
+
+def test_a_model_in_the_local_hub_cache_is_read_from_its_snapshot(tiny_hf, tmp_path, monkeypatch):
+    """A hub name resolves to its cached snapshot (a cache laid out as huggingface_hub keeps one) and
+    its commit is recorded as the revision; nothing is asked of the hub."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny--llama"
+    shutil.copytree(tiny_hf("llama"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = run(tmp_path / "run", "tiny/llama", "checkpoint.base_weights=reference",
+              "train.trainable=['queries,keys,experts']")
+    assert res["config"]["model"]["hf"] == "tiny/llama" and all(math.isfinite(v) for v in res["bpb_matrix"][-1])
+    state = checkpoint.load_state(checkpoint.latest(tmp_path / "run"))
+    assert state["base_weights"]["revision"] == commit and state["base_weights"]["hf"] == "tiny/llama"
+    with pytest.raises(ConfigError, match="neither a model folder nor a model in the local"):
+        build_model(config("tiny/other"), vocab_size=10)
