@@ -123,6 +123,11 @@ def load_pretrained(cfg: ModelConfig, context: int, vocab_size: int, meta: bool 
     return PretrainedLM(hf, cfg, context, source)
 
 
+def _peer_of(ffn: nn.Module) -> PEER | None:
+    """The PEER layer of a block's feed-forward module (itself, or beside the MLP), None for an MLP."""
+    return ffn if isinstance(ffn, PEER) else ffn.peer if isinstance(ffn, ParallelPEER) else None
+
+
 class PretrainedLM(nn.Module):
     """A Hugging Face causal LM with PEER layers: `logits = model(input_ids)`, [B, T] -> [B, T, vocab].
 
@@ -196,7 +201,7 @@ class PretrainedLM(nn.Module):
         return sum(2 * p.numel() for name, p in module.named_parameters() if p.dim() == 2 and not is_adapter(name))
 
     def _ffn_flops(self, ffn: nn.Module, convention: str) -> int:
-        peer = ffn if isinstance(ffn, PEER) else getattr(ffn, "peer", None)
+        peer = _peer_of(ffn)
         own = 0
         if peer is not None:
             own = peer.matmul_flops_per_token() if convention == "matmul" else peer.flops_per_token()
@@ -224,7 +229,7 @@ class PretrainedLM(nn.Module):
         """The PEER layers' forward FLOPs per token by stage (with the pretrained MLP beside it)."""
         out = {}
         for i, ffn in enumerate(self.ffns()):
-            peer = ffn if isinstance(ffn, PEER) else getattr(ffn, "peer", None)
+            peer = _peer_of(ffn)
             if peer is not None:
                 mlp = {"pretrained MLP": self._matrix_flops(ffn.mlp)} if isinstance(ffn, ParallelPEER) else {}
                 out[f"blocks.{i}.ffn ({self._ffn_kind(ffn)})"] = {**mlp, **peer.flops_breakdown()}
@@ -236,7 +241,7 @@ class PretrainedLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         ffn_total = ffn_active = 0
         for ffn in self.ffns():
-            peer = ffn if isinstance(ffn, PEER) else getattr(ffn, "peer", None)
+            peer = _peer_of(ffn)
             mlp_params = sum(p.numel() for p in ffn.parameters()) - (peer.num_params() if peer is not None else 0)
             ffn_total += mlp_params + (peer.num_params() if peer is not None else 0)
             ffn_active += mlp_params + (peer.active_params_per_token() if peer is not None else 0)
