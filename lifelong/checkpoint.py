@@ -197,9 +197,9 @@ def save(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any], kee
     model's full state dict when `model` itself cannot give it (FSDP-sharded parameters). A state
     with `base_weights` (a `base_record`) leaves the pretrained weights out of model.safetensors.
     """
-    if state.get("base_weights") and weights is None:
+    if state.get("base_weights"):
         base = set(model.base_names())
-        weights = {k: v for k, v in model.state_dict().items() if k not in base}
+        weights = {k: v for k, v in (model.state_dict() if weights is None else weights).items() if k not in base}
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     for leftover in root.glob(".tmp-*"):  # from a process killed while writing
@@ -267,14 +267,17 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {weights} is corrupted ({err})") from None
 
 
-def load_weights(path: str | Path, model: torch.nn.Module, base_weights: dict | None = None) -> None:
+def load_weights(path: str | Path, model: torch.nn.Module, base_weights: dict | None = None,
+                 digest: str | None = None) -> None:
     """Load `model.safetensors` of checkpoint folder `path` into `model` (strict: same architecture).
     `base_weights`: the checkpoint's `base_record`; the pretrained weights it left out must be those
-    `model` was built with (same SHA-256), and are the only names allowed to be missing."""
+    `model` was built with (same SHA-256: `digest`, computed when not given), and are the only names
+    allowed to be missing."""
     weights = _weights_file(path)
     allowed: set[str] = set()
     if base_weights:
-        digest = model.base_digest() if hasattr(model, "base_digest") else None
+        if digest is None and hasattr(model, "base_digest"):
+            digest = model.base_digest()
         if digest != base_weights.get("sha256"):
             raise CheckpointError(f"checkpoint {path} references the weights of {base_weights.get('hf')} "
                                   f"(sha256 {str(base_weights.get('sha256'))[:12]}...), but the model built for "

@@ -72,6 +72,15 @@ class RunSession:
         self.data_hashes = self.bench.content_hashes()
         check_bootstrap_memory(cfg.eval.bootstrap_samples, sum(int(i["test_blocks"]) for i in self.bench.domain_info))
         self.model = build_trainable_model(cfg, self.bench.vocab_size, self.device)
+        self.trainable = trainable_of(cfg)
+        # the pretrained weights' SHA-256 as loaded (before FSDP shards them): what referencing
+        # checkpoints and cached references name
+        referenced = cfg.checkpoint.base_weights == "reference"
+        if referenced:
+            check_base_frozen(self.model, self.trainable)
+        self.base_digest = (self.model.base_digest() if referenced or (cfg.model.hf and cfg.eval.reference == "scratch")
+                            else None)
+        self.base_weights = checkpoint.base_record(self.model, self.base_digest) if referenced else None
         self.sharded = distributed.active() and cfg.train.parallel == "fsdp"
         if self.sharded:  # FSDP2 before the optimizer, which must hold the sharded parameters
             distributed.shard_model(self.model.to(self.device))
@@ -79,15 +88,7 @@ class RunSession:
         # Warm-in of grown keys and the frozen-expert guard run as hooks on this optimizer.
         if self.model.expert_layers():
             experts.attach(self.model, self.optimizer)
-        self.trainable = trainable_of(cfg)
         self.scopes = ScopeManager(self.model, self.optimizer, self.trainable)
-        # the pretrained weights' SHA-256 as loaded: what referencing checkpoints and cached references name
-        referenced = cfg.checkpoint.base_weights == "reference"
-        if referenced:
-            check_base_frozen(self.model, self.trainable)
-        self.base_digest = (self.model.base_digest() if referenced or (cfg.model.hf and cfg.eval.reference == "scratch")
-                            else None)
-        self.base_weights = checkpoint.base_record(self.model, self.base_digest) if referenced else None
         self.progress = Progress(data_hashes=self.data_hashes)
         self.manual_growth: list[dict] = []  # growth events of `lifelong grow` on a checkpoint
         if resume_from is not None:
@@ -199,7 +200,7 @@ class RunSession:
                 distributed.load_full_state(self.model, self.optimizer, checkpoint.read_weights(path),
                                             state.optimizer)
             else:
-                checkpoint.load_weights(path, self.model, state.base_weights)
+                checkpoint.load_weights(path, self.model, state.base_weights, digest=self.base_digest)
                 self.model.to(self.device)
                 self.scopes.apply_saved(progress.next_experience, inside=state.position is not None)
                 self.optimizer.load_state_dict(state.optimizer)

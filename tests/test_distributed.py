@@ -64,6 +64,8 @@ def test_torchrun_matches_a_single_process_run(tmp_path, strategy):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_trains_a_pretrained_model_as_one_process_does(tmp_path, tiny_hf, parallel):
     overrides = _SMALL + [f"model.hf={tiny_hf('llama')}", f"train.parallel={parallel}"]
+    if parallel == "fsdp":  # the references are keyed by the weights' hash, taken before FSDP shards them
+        overrides.append("eval.reference=scratch")
     sets = [a for o in overrides for a in ("--set", o)]
     done = _torchrun("-m", "lifelong.cli", "run", "--preset", "smoke", "--out", str(tmp_path / "ddp"),
                      "--no-progress", *sets)
@@ -72,6 +74,8 @@ def test_torchrun_trains_a_pretrained_model_as_one_process_does(tmp_path, tiny_h
     single = experiment.run(resolve("smoke", overrides=overrides), tmp_path / "single", progress=False,
                             echo=lambda *_: None)
     assert _max_diff(ddp, single) <= 1e-5
+    if parallel == "fsdp":
+        assert ddp["fwt_zero_shot"] == pytest.approx(single["fwt_zero_shot"], abs=1e-4)
 
 
 @pytest.mark.parametrize("growth", [
