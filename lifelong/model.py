@@ -112,6 +112,9 @@ class ModelConfig:
     """How PEER enters a pretrained block: "parallel" (added to the block's MLP with every expert's
     output vector at zero: the model computes what the pretrained one did) or "replace" (in place of
     the MLP: a new model that must be trained)."""
+    hf_revision: str | None = None
+    """The branch, tag or commit of a cached hub name `hf` to load (None: the cache's "main"); a
+    folder has none."""
     hf_trust_remote_code: bool = False
     """Run the code a model folder ships (transformers' trust_remote_code); never on unless set."""
     dense: DenseConfig = field(default_factory=DenseConfig)
@@ -129,6 +132,9 @@ class ModelConfig:
         if self.hf is not None and os.path.isdir(os.path.expanduser(self.hf)):
             # a folder by its absolute path: a run resumed from elsewhere finds it (transformers expands no ~)
             self.hf = os.path.abspath(os.path.expanduser(self.hf))
+        if self.hf_revision is not None and (self.hf is None or os.path.isdir(self.hf)):
+            raise ConfigError("model.hf_revision chooses a version of a model in the local Hugging Face cache, "
+                              "but model.hf " + ("is not set" if self.hf is None else "is a folder"))
         if self.hf is not None and self.ffn == "moe":
             raise ConfigError("model.hf takes PEER layers (model.ffn=peer) or none (model.ffn=dense), not 'moe'")
         # validates ffn_layers (a pretrained model's depth, known once it is loaded, bounds it then)

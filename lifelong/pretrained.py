@@ -45,19 +45,21 @@ def _transformers():
     return transformers
 
 
-def model_folder(name: str) -> tuple[str, str | None]:
+def model_folder(name: str, revision: str | None = None) -> tuple[str, str | None]:
     """(the local folder `model.hf` names, the revision it holds): the folder itself (revision None),
-    or the snapshot of a hub name in the local Hugging Face cache (its commit hash). Nothing is
-    contacted: loading from the folder keeps transformers from asking the hub about other files."""
-    if Path(name).is_dir():
+    or the snapshot of a hub name in the local Hugging Face cache at `revision` (a branch, tag or
+    commit; default "main"), with its commit hash. Nothing is contacted: loading from the folder
+    keeps transformers from asking the hub about other files."""
+    if revision is None and Path(name).is_dir():
         return name, None
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(repo_id=name, local_files_only=True)
-    except Exception:  # not cached, not a repository id, or no huggingface_hub
+        folder = snapshot_download(repo_id=name, revision=revision, local_files_only=True)
+    except Exception:  # not cached (at that revision), not a repository id, or no huggingface_hub
+        at = f" at revision {revision!r}" if revision is not None else ""
         raise ConfigError(f"model.hf: {name!r} is neither a model folder nor a model in the local Hugging Face "
-                          "cache (nothing is downloaded)") from None
+                          f"cache{at} (nothing is downloaded)") from None
     return folder, Path(folder).name
 
 
@@ -66,7 +68,7 @@ def load_config(cfg: ModelConfig):
     when it is missing or unreadable, needs code of its own that was not allowed, or is of an
     architecture without a retrofit table entry."""
     transformers = _transformers()
-    folder, revision = model_folder(cfg.hf)
+    folder, revision = model_folder(cfg.hf, cfg.hf_revision)
     try:
         raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:

@@ -14,6 +14,7 @@ from helpers import HF_KINDS, MORE_HF_KINDS
 from lifelong import checkpoint, cli, experiment
 from lifelong.build import build_model, meta_model
 from lifelong.errors import ConfigError
+from lifelong.model import ModelConfig
 from lifelong.presets import resolve
 from lifelong.scopes import _group_of
 from lifelong.strategy_config import STRATEGIES
@@ -321,3 +322,13 @@ def test_a_model_in_the_local_hub_cache_is_read_from_its_snapshot(tiny_hf, tmp_p
     assert state["base_weights"]["revision"] == commit and state["base_weights"]["hf"] == "tiny/llama"
     with pytest.raises(ConfigError, match="neither a model folder nor a model in the local"):
         build_model(config("tiny/other"), vocab_size=10)
+    # another version in the cache, chosen by model.hf_revision (a commit here; a tag or branch names one)
+    other = "fedcba9876543210fedcba9876543210fedcba98"
+    shutil.copytree(tiny_hf("gpt2"), repo / "snapshots" / other)
+    model = build_model(config("tiny/llama", f"model.hf_revision={other}"), vocab_size=10)
+    assert model.source["revision"] == other and model.source["model_type"] == "gpt2"
+    with pytest.raises(ConfigError, match="cache at revision 'v9'"):
+        build_model(config("tiny/llama", "model.hf_revision=v9"), vocab_size=10)
+    for hf in (None, str(tiny_hf("gpt2"))):  # a revision of nothing, or of a folder
+        with pytest.raises(ConfigError, match="model.hf_revision chooses a version"):
+            ModelConfig(hf=hf, hf_revision="main")
