@@ -46,16 +46,21 @@ def model_source(cfg: RunConfig) -> str | None:
     return load_config(cfg.model)[1]
 
 
+def cache_dir(cfg: RunConfig) -> str | None:
+    """The folder of the stream's caches: LIFELONG_CACHE or stream.cache_dir; None when that is null (no cache)."""
+    s = cfg.stream
+    return None if s.cache_dir is None else os.path.expanduser(os.environ.get("LIFELONG_CACHE", s.cache_dir))
+
+
 def stream_arguments(cfg: RunConfig) -> dict:
     """The arguments of `scenarios.build_stream` / `build_benchmark` for the config's stream."""
     folder = model_source(cfg)
     s = cfg.stream
     # the model's own tokenizer, from the folder that holds it (a cached hub name's snapshot)
     tokenizer = folder if folder is not None and s.tokenizer == cfg.model.hf else s.tokenizer
-    cache_dir = None if s.cache_dir is None else os.path.expanduser(os.environ.get("LIFELONG_CACHE", s.cache_dir))
     return dict(spec=list(s.domains) if s.domains else s.name, block_len=s.block_len,
                 train_tokens=s.train_tokens, test_tokens=s.test_tokens, test_fraction=s.test_fraction,
-                seed=cfg.seed, order=s.order, tokenizer=tokenizer, cache_dir=cache_dir,
+                seed=cfg.seed, order=s.order, tokenizer=tokenizer, cache_dir=cache_dir(cfg),
                 lossy_tokenizer=s.lossy_tokenizer, pretrain=s.pretrain if s.pretrain.enabled else None,
                 evaluate_on=s.evaluate_on)
 

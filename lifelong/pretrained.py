@@ -244,9 +244,9 @@ class PretrainedLM(nn.Module):
         ffn_total = ffn_active = 0
         for ffn in self.ffns():
             peer = _peer_of(ffn)
-            mlp_params = sum(p.numel() for p in ffn.parameters()) - (peer.num_params() if peer is not None else 0)
-            ffn_total += mlp_params + (peer.num_params() if peer is not None else 0)
-            ffn_active += mlp_params + (peer.active_params_per_token() if peer is not None else 0)
+            size = sum(p.numel() for p in ffn.parameters())
+            ffn_total += size
+            ffn_active += size if peer is None else size - peer.num_params() + peer.active_params_per_token()
         head = self.hf.get_output_embeddings()
         head_weight = head.weight if head is not None else None
         lookups = [m.weight for m in self.hf.modules()

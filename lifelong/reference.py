@@ -22,7 +22,7 @@ from avalanche.training.plugins import EvaluationPlugin
 
 import experts
 from lifelong import checkpoint, distributed, rundir, transfer
-from lifelong.build import build_model, seed_everything
+from lifelong.build import build_model, cache_dir, seed_everything
 from lifelong.config import CheckpointConfig, EvalConfig, GrowthConfig, LogConfig, RunConfig
 from lifelong.strategy_config import StrategyConfig
 from lifelong.metrics import DomainLossMetric
@@ -102,17 +102,15 @@ def scratch_references(cfg: RunConfig, bench, device, probes: dict, echo=print,
                        pretrained: str | None = None) -> list[dict]:
     """Every domain's reference, from the cache when there (stream.cache_dir, or LIFELONG_CACHE),
     trained otherwise. `pretrained`: the SHA-256 of `model.hf`'s weights (PretrainedLM.base_digest),
-    part of the cache key, since a model folder can change under the same name. The global RNG states
-    are restored afterwards."""
-    from lifelong.build import stream_arguments
-
-    cache_dir = stream_arguments(cfg)["cache_dir"]
-    folder = Path(cache_dir) / REFERENCE_DIR if cache_dir is not None else None
+    part of the cache key, since a model folder can change under the same name; required with
+    `model.hf`. The global RNG states are restored afterwards."""
+    if cfg.model.hf is not None and pretrained is None:
+        raise ValueError("the references of a pretrained model are keyed by the SHA-256 of its weights (pretrained)")
+    caches = cache_dir(cfg)
+    folder = Path(caches) / REFERENCE_DIR if caches is not None else None
     rng = checkpoint.rng_state()
     out = []
     try:
-        if cfg.model.hf is not None and pretrained is None:
-            pretrained = build_model(cfg, bench.vocab_size).base_digest()
         for j, (domain, info) in enumerate(zip(bench.domains, bench.domain_info)):
             key = reference_key(cfg, info, pretrained)
             path = folder / f"{domain}-{key[:32]}.json" if folder is not None else None
